@@ -1,0 +1,51 @@
+"""`python -m mae_fast.info`: what this installation can run, and why not where it cannot."""
+from __future__ import annotations
+
+import os
+import platform
+
+
+def collect() -> dict:
+    import torch
+
+    from mae_fast import _ext
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch CUDA": torch.version.cuda or "none (CPU build)",
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError as e:
+        info["triton"] = f"unavailable ({e}); ops use their PyTorch fallbacks"
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    info["Triton interpreter"] = "on (TRITON_INTERPRET=1): CPU tensors run the Triton kernels" if interp else \
+        "off: CPU tensors use PyTorch fallbacks"
+    build = _ext.build_info()
+    if _ext.AVAILABLE:
+        backends = ", ".join(build.get("backends", [])) or "unknown"
+        archs = build.get("cuda_archs")
+        info["extension"] = f"loaded (backends: {backends}" + (f"; CUDA archs {archs})" if archs else ")")
+        if build.get("reason"):
+            info["extension"] += f"; {build['reason']}"
+    else:
+        info["extension"] = f"not available: {_ext.UNAVAILABLE_REASON}; ops use PyTorch fallbacks"
+    if torch.cuda.is_available():
+        info["GPU"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    else:
+        info["GPU"] = "none" if torch.version.cuda else "none (torch has no CUDA)"
+    return info
+
+
+def main() -> None:
+    info = collect()
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
