@@ -342,6 +342,8 @@ class MAE(nn.Module):
         super().__init__()
         self.masking_ratio, self.norm_pix_loss = masking_ratio, norm_pix_loss
         self.encoder = encoder
+        # shares the encoder's modules; kept so the state-dict keys match vit-pytorch's MAE
+        self.patch_to_emb = nn.Sequential(*encoder.to_patch_embedding[1:])
         num_pos, encoder_dim = encoder.pos_embedding.shape[-2:]
         patch_dim = encoder.to_patch_embedding[2].weight.shape[-1]
         self.decoder_dim = decoder_dim
@@ -356,7 +358,7 @@ class MAE(nn.Module):
         patch_size = enc.to_patch_embedding[0].patch_size
         patches = patchify(img, patch_size)
         B, L, _ = patches.shape
-        tokens = nn.Sequential(*enc.to_patch_embedding[1:])(patches)
+        tokens = self.patch_to_emb(patches)
         num_cls = enc.pos_embedding.shape[0] - L
         tokens = tokens + enc.pos_embedding[num_cls:num_cls + L].to(tokens.dtype)
         masked, unmasked = seed_masking(B, L, self.masking_ratio, noise, device=img.device)

@@ -1,0 +1,84 @@
+"""Packaging: lean import, the extension and its report, the installed layout."""
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import torch
+
+import mae_fast
+from mae_fast import _ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code, **env):
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
+                         env={**os.environ, **env}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_import_does_not_initialise_cuda_or_import_triton():
+    out = run_python("import sys, torch, mae_fast; print(torch.cuda.is_initialized(), 'triton' in sys.modules)")
+    assert out.split() == ["False", "False"]
+
+
+def test_import_and_ops_work_without_extension_and_triton():
+    code = """
+import sys, importlib.abc, torch
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == 'mae_fast._C' or name == 'triton' or name.startswith('triton.'):
+            raise ImportError('blocked for the test: ' + name)
+sys.meta_path.insert(0, Block())
+import mae_fast
+from mae_fast import _ext, reference as ref
+assert not _ext.AVAILABLE and _ext.UNAVAILABLE_REASON
+imgs = torch.randn(2, 3, 8, 8)
+ids = torch.rand(2, 4).argsort(-1)[:, :3]
+assert torch.allclose(mae_fast.ops.patchify_gather(imgs, ids, 4), ref.patchify_gather(imgs, ids, 4))
+x = torch.randn(2, 4, 5)
+assert torch.equal(mae_fast.ops.gather_tokens(x, ids), ref.gather_tokens(x, ids))
+print('ok')
+"""
+    assert run_python(code, TRITON_INTERPRET="0").strip().endswith("ok")
+
+
+def test_extension_loads_with_the_recorded_backends():
+    info = _ext.build_info()
+    if info.get("backends"):
+        assert _ext.AVAILABLE, _ext.UNAVAILABLE_REASON
+        assert "cpu" in info["backends"]
+    if info.get("mode") == "auto" and torch.version.cuda and shutil.which("nvcc") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        assert info["backends"] == ["cpu", "cuda"], info
+        assert "8.0" in info["cuda_archs"] and "9.0" in info["cuda_archs"]
+
+
+def test_info_reports_versions_and_extension():
+    out = subprocess.run([sys.executable, "-m", "mae_fast.info"], capture_output=True, text=True, check=True).stdout
+    assert torch.__version__ in out
+    assert "extension" in out and "Triton interpreter" in out and "GPU" in out
+    if _ext.AVAILABLE:
+        assert "loaded (backends: cpu" in out
+    else:
+        assert "not available:" in out
+
+
+def test_wheel_installs_kernels_as_subpackage_only(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.so", "__pycache__", "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist")], cwd=src, check=True, env={**os.environ, "MAE_FAST_BUILD_EXT": "none"},
+                   capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert tops == {"mae_fast"}, tops
+    assert "mae_fast/kernels/__init__.py" in names and "mae_fast/reference.py" in names
+    assert "mae_fast/_build_info.json" in names
+
+
+def test_version():
+    assert mae_fast.__version__.count(".") == 2
