@@ -1,0 +1,45 @@
+"""Random masking as the official MAE draws it (argsort of uniform noise), without extra passes."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Masking(NamedTuple):
+    ids_keep: torch.Tensor     # (B, len_keep) visible patches, in shuffled order
+    ids_removed: torch.Tensor  # (B, L - len_keep) removed patches, in shuffled order
+    mask: torch.Tensor         # (B, L) float, 0 = keep, 1 = removed, original patch order
+    ids_restore: torch.Tensor  # (B, L) argsort of the shuffle
+
+
+def check_noise(noise, batch: int, num_patches: int) -> None:
+    if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (batch, num_patches):
+        got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"noise must be a (batch, num_patches) = ({batch}, {num_patches}) tensor, got {got}")
+    if not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
+
+
+def len_keep_for(num_patches: int, mask_ratio: float) -> int:
+    """int(L * (1 - mask_ratio)) as the official code, refusing ratios that leave no visible or
+    no removed patch."""
+    if not 0 < mask_ratio < 1:
+        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    len_keep = int(num_patches * (1 - mask_ratio))
+    if not 0 < len_keep < num_patches:
+        raise ValueError(f"mask_ratio {mask_ratio} keeps {len_keep} of {num_patches} patches; "
+                         "at least one patch must stay visible and one be removed")
+    return len_keep
+
+
+def random_masking(batch: int, num_patches: int, mask_ratio: float, noise=None, device=None) -> Masking:
+    """Official semantics: keep the first len_keep of argsort(noise)."""
+    len_keep = len_keep_for(num_patches, mask_ratio)
+    if noise is None:
+        noise = torch.rand(batch, num_patches, device=device)
+    check_noise(noise, batch, num_patches)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = (ids_restore >= len_keep).float()
+    return Masking(ids_shuffle[:, :len_keep], ids_shuffle[:, len_keep:], mask, ids_restore)

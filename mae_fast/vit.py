@@ -1,0 +1,110 @@
+"""The seed's ViT (vit-pytorch's API and state-dict keys) on SDPA and the fused patchify op."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .layers import attend
+from .reference import pair
+
+
+class Patchify(nn.Module):
+    """(B, C, H, W) -> (B, L, ph*pw*C) in (p1 p2 c) order; vit-pytorch's Rearrange, parameter-free."""
+
+    def __init__(self, patch_size):
+        super().__init__()
+        self.patch_size = pair(patch_size)
+
+    def forward(self, img):
+        return ops.patchify(img, self.patch_size)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads=8, dim_head=64, dropout=0.0):
+        super().__init__()
+        inner = dim_head * heads
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)  # on the attention probabilities, as in vit-pytorch
+        self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
+        project_out = not (heads == 1 and dim_head == dim)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout)) if project_out else nn.Identity()
+
+    def forward(self, x):
+        return attention_forward(self, x)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, hidden_dim, dropout=0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden_dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Transformer(nn.Module):
+    """vit-pytorch's Transformer: pre-norm blocks, then a final LayerNorm."""
+
+    def __init__(self, dim, depth, heads, dim_head, mlp_dim, dropout=0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([Attention(dim, heads, dim_head, dropout), FeedForward(dim, mlp_dim, dropout)])
+            for _ in range(depth))
+
+    def forward(self, x):
+        return transformer_forward(self, x)
+
+
+def attention_forward(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """vit-pytorch Attention semantics on SDPA; works on vit_pytorch's own modules too."""
+    p = attn.dropout.p if attn.training else 0.0
+    return attn.to_out(attend(attn.to_qkv(attn.norm(x)), attn.heads, p))
+
+
+def transformer_forward(transformer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Runs a vit-pytorch-shaped Transformer (ours or vit_pytorch's) with SDPA attention, so a
+    vit_pytorch.ViT encoder handed to mae_fast.MAE gets the fast path while training in place."""
+    for attn, ff in transformer.layers:
+        x = attention_forward(attn, x) + x
+        x = ff(x) + x
+    return transformer.norm(x)
+
+
+class ViT(nn.Module):
+    """vit-pytorch's ViT: same constructor, module tree and state-dict keys (2-D pos_embedding of
+    L + cls rows). pool='cls' adds pos rows to [cls, patches] in order, as vit-pytorch does."""
+
+    def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, pool="cls",
+                 channels=3, dim_head=64, dropout=0.0, emb_dropout=0.0):
+        super().__init__()
+        (H, W), (ph, pw) = pair(image_size), pair(patch_size)
+        if H % ph or W % pw:
+            raise ValueError(f"image_size {(H, W)} must be divisible by patch_size {(ph, pw)}")
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        self.image_size, self.patch_size, self.channels = (H, W), (ph, pw), channels
+        num_patches, patch_dim = (H // ph) * (W // pw), channels * ph * pw
+        num_cls = 1 if pool == "cls" else 0
+        self.to_patch_embedding = nn.Sequential(
+            Patchify((ph, pw)), nn.LayerNorm(patch_dim), nn.Linear(patch_dim, dim), nn.LayerNorm(dim))
+        self.cls_token = nn.Parameter(torch.randn(num_cls, dim))
+        self.pos_embedding = nn.Parameter(torch.randn(num_patches + num_cls, dim))
+        self.dropout = nn.Dropout(emb_dropout)
+        self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout)
+        self.pool = pool
+        self.to_latent = nn.Identity()
+        self.mlp_head = nn.Linear(dim, num_classes) if num_classes > 0 else None
+
+    def forward(self, img):
+        x = self.to_patch_embedding(img)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = self.dropout(x + self.pos_embedding[: x.shape[1]])
+        x = self.transformer(x)
+        if self.mlp_head is None:
+            return x
+        x = x.mean(dim=1) if self.pool == "mean" else x[:, 0]
+        return self.mlp_head(self.to_latent(x))
