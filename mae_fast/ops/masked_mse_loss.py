@@ -1,6 +1,191 @@
-# PLACEHOLDER (being replaced by the Triton op implementation): delegates to the eager reference.
-from .. import reference as _ref
+"""The masked-only MSE loss of MAE, with targets cut from the image on the fly.
+
+Ops (torch.library custom ops with fake implementations):
+  mae_fast::masked_mse_loss(pred, imgs, mask?, ids?, ph, pw, norm_pix, validate) -> (loss, denom)
+      with autograd (pred gradient; image gradient too when imgs requires grad)
+  mae_fast::masked_mse_loss_backward(grad, pred, imgs, mask?, ids?, denom, ph, pw, norm_pix) -> grad_pred
+
+denom is the fp32 normaliser (P * mask.sum() or B * M * P), returned so the backward needs no
+second reduction. Dispatch as in mae_fast/ops/patchify.py: Triton on CUDA, Triton interpreted on
+CPU with TRITON_INTERPRET=1, a vectorised PyTorch fallback otherwise (and always for float64).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .patchify import (check_ids, check_ids_values, check_imgs, compute_dtype, gather_rows, norm_pix_torch,
+                       patchify_torch, triton_kernels)
 
 
-def masked_mse_loss(pred, imgs, patch_size, *, mask=None, ids=None, norm_pix=False):
-    return _ref.masked_mse_loss(pred, imgs, patch_size, mask=mask, ids=ids, norm_pix_target=norm_pix)
+def _loss_dtype(pred: Tensor, imgs: Tensor, mask: Optional[Tensor]) -> torch.dtype:
+    """The dtype the eager reference returns: pred, imgs (and mask) promoted."""
+    dt = torch.promote_types(pred.dtype, imgs.dtype)
+    return torch.promote_types(dt, mask.dtype) if mask is not None else dt
+
+
+def _check_mask_values(mask: Tensor, validate: bool) -> None:
+    if mask.device.type != "cpu" and not validate:
+        return
+    if not bool((mask != 0).any()):
+        raise ValueError("mask must mark at least one removed patch (1 = removed); got an all-zero mask, "
+                         "the loss would be 0 / 0")
+
+
+# ----------------------------------------------------------------------------- PyTorch fallback
+
+def _targets_torch(imgs, mask, ids, ph, pw, norm_pix, cd):
+    t = patchify_torch(imgs, ph, pw, cd)
+    if ids is not None:
+        t = gather_rows(t, ids)
+    return norm_pix_torch(t) if norm_pix else t
+
+
+def masked_mse_loss_torch(pred, imgs, mask, ids, ph, pw, norm_pix):
+    """Fallback forward in fp32 (fp64 for fp64): returns (loss, denom)."""
+    cd = compute_dtype(torch.promote_types(pred.dtype, imgs.dtype))
+    d = pred.to(cd) - _targets_torch(imgs, mask, ids, ph, pw, norm_pix, cd)
+    se = (d * d).sum(dim=-1)
+    P = pred.shape[-1]
+    if mask is not None:
+        w = mask.to(cd)
+        denom = w.sum() * P
+        total = (se * w).sum()
+    else:
+        denom = torch.tensor(float(se.numel() * P), dtype=cd, device=pred.device)
+        total = se.sum()
+    return (total / denom).to(_loss_dtype(pred, imgs, mask)), denom.to(torch.float32)
+
+
+def masked_mse_loss_backward_torch(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix):
+    cd = compute_dtype(torch.promote_types(pred.dtype, imgs.dtype))
+    d = pred.to(cd) - _targets_torch(imgs, mask, ids, ph, pw, norm_pix, cd)
+    coef = 2 * grad.to(cd) / denom.to(cd)
+    if mask is not None:
+        coef = coef * mask.to(cd).unsqueeze(-1)
+    return (coef * d).to(pred.dtype).contiguous()
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("mae_fast::masked_mse_loss", mutates_args=())
+def _masked_mse_loss_op(pred: Tensor, imgs: Tensor, mask: Optional[Tensor], ids: Optional[Tensor],
+                        ph: int, pw: int, norm_pix: bool, validate: bool) -> tuple[Tensor, Tensor]:
+    if mask is not None:
+        _check_mask_values(mask, validate)
+    else:
+        check_ids_values(ids, (imgs.shape[2] // ph) * (imgs.shape[3] // pw), validate)
+    k = triton_kernels("masked_mse_loss", pred)
+    if k is not None and imgs.dtype != torch.float64:
+        return k.masked_mse_loss_fwd(pred, imgs, mask, ids, ph, pw, norm_pix, _loss_dtype(pred, imgs, mask))
+    return masked_mse_loss_torch(pred, imgs, mask, ids, ph, pw, norm_pix)
+
+
+@_masked_mse_loss_op.register_fake
+def _(pred, imgs, mask, ids, ph, pw, norm_pix, validate):
+    return (pred.new_empty((), dtype=_loss_dtype(pred, imgs, mask)),
+            pred.new_empty((), dtype=torch.float32))
+
+
+@torch.library.custom_op("mae_fast::masked_mse_loss_backward", mutates_args=())
+def _masked_mse_loss_backward_op(grad: Tensor, pred: Tensor, imgs: Tensor, mask: Optional[Tensor],
+                                 ids: Optional[Tensor], denom: Tensor, ph: int, pw: int,
+                                 norm_pix: bool) -> Tensor:
+    k = triton_kernels("masked_mse_loss", pred)
+    if k is not None and imgs.dtype != torch.float64:
+        return k.masked_mse_loss_bwd(grad, denom, pred, imgs, mask, ids, ph, pw, norm_pix)
+    return masked_mse_loss_backward_torch(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix)
+
+
+@_masked_mse_loss_backward_op.register_fake
+def _(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix):
+    return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+
+
+def _setup(ctx, inputs, output):
+    pred, imgs, mask, ids, ctx.ph, ctx.pw, ctx.norm_pix, _ = inputs
+    ctx.save_for_backward(pred, imgs, mask, ids, output[1])
+
+
+def _backward(ctx, grad, _grad_denom):
+    pred, imgs, mask, ids, denom = ctx.saved_tensors
+    gp = gi = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        gp = torch.ops.mae_fast.masked_mse_loss_backward(grad, pred, imgs, mask, ids, denom,
+                                                         ctx.ph, ctx.pw, ctx.norm_pix)
+    if ctx.needs_input_grad[1]:
+        # d loss / d target rows = -gp; back to image layout (through norm-pix) like patchify_gather.
+        gi = torch.ops.mae_fast.patchify_gather_backward(-gp.to(imgs.dtype), imgs, ids, ctx.ph, ctx.pw,
+                                                         ctx.norm_pix)
+    return (gp if ctx.needs_input_grad[0] else None), gi, None, None, None, None, None, None
+
+
+_masked_mse_loss_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def masked_mse_loss(pred: Tensor, imgs: Tensor, patch_size, *, mask: Optional[Tensor] = None,
+                    ids: Optional[Tensor] = None, norm_pix: bool = False, validate: bool = False) -> Tensor:
+    """MAE reconstruction loss over the removed patches only; targets computed from imgs on the fly.
+
+    Pass exactly one of
+      mask (B, L) float (or bool), 1 = removed, with pred (B, L, P): the official loss
+          sum_{b,l} mask * mean_f (pred - t)^2 / mask.sum()
+      ids (B, M) int32/int64 removed patch indices, with pred (B, M, P): the seed loss
+          F.mse_loss(pred, target rows ids)
+    where P = ph*pw*C, t = patchify(imgs) ((p, q, c) order), and with norm_pix each target row is
+    (t - mean) / sqrt(var + 1e-6), unbiased var (norm_pix_loss). No (B, L, P) target tensor is
+    made; arithmetic is fp32; the reduction is deterministic (no float atomics) and syncs nothing.
+    The result has the dtype the eager reference gives (pred, imgs and mask dtypes promoted).
+
+    Backward: the pred gradient in one fused pass that recomputes the targets (and, if imgs
+    requires grad, the image gradient). mask is a constant (no gradient); ids as in patchify_gather.
+
+    Value checks (CPU inputs: always; CUDA: only with validate=True, which syncs the host): ids in
+    [0, L) (validate also checks ids distinct per row), mask not all zero. An all-zero mask on CUDA
+    without validate gives nan (0 / 0), like the reference; out-of-range ids give nan.
+    Rows with mask 0 are not read, so non-finite pred values there do not reach the loss (the
+    reference would propagate a NaN through 0 * NaN).
+    """
+    ph, pw = check_imgs(imgs, patch_size)
+    B, C, H, W = imgs.shape
+    L, P = (H // ph) * (W // pw), ph * pw * C
+    if not isinstance(pred, Tensor):
+        raise TypeError(f"pred must be a torch.Tensor, got {type(pred).__name__}")
+    if not pred.is_floating_point():
+        raise TypeError(f"pred must be a floating-point tensor, got {pred.dtype}")
+    if pred.dim() != 3:
+        raise ValueError(f"pred must be 3-D (B, rows, P), got shape {tuple(pred.shape)}")
+    if pred.shape[2] != P:
+        raise ValueError(f"pred's last dim must be ph*pw*C = {ph}*{pw}*{C} = {P}, got {pred.shape[2]}")
+    if pred.device != imgs.device:
+        raise ValueError(f"pred must be on {imgs.device} like imgs, got {pred.device}")
+    if (mask is None) == (ids is None):
+        raise ValueError("pass exactly one of mask= (official loss) or ids= (seed loss), got "
+                         + ("both" if mask is not None else "neither"))
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        if not (mask.is_floating_point() or mask.dtype == torch.bool):
+            raise TypeError(f"mask must be a float (or bool) tensor, 1 = removed, got {mask.dtype}")
+        if tuple(mask.shape) != (B, L):
+            raise ValueError(f"mask must have shape (B={B}, L={L}), got {tuple(mask.shape)}")
+        if mask.device != imgs.device:
+            raise ValueError(f"mask must be on {imgs.device} like imgs, got {mask.device}")
+        if tuple(pred.shape[:2]) != (B, L):
+            raise ValueError(f"with mask, pred must have shape (B={B}, L={L}, P={P}), got {tuple(pred.shape)}")
+        if mask.dtype == torch.bool:
+            mask = mask.to(torch.promote_types(pred.dtype, imgs.dtype))
+    else:
+        check_ids(ids, imgs, L)
+        if tuple(pred.shape[:2]) != (B, ids.shape[1]):
+            raise ValueError(f"with ids, pred must have shape (B={B}, M={ids.shape[1]}, P={P}), "
+                             f"got {tuple(pred.shape)}")
+    loss, _ = torch.ops.mae_fast.masked_mse_loss(pred, imgs, mask, ids, ph, pw, bool(norm_pix), bool(validate))
+    return loss
+
+
+__all__ = ["masked_mse_loss"]

@@ -1,14 +1,363 @@
-# PLACEHOLDER (being replaced by the Triton op implementation): delegates to the eager reference.
-from .. import reference as _ref
+"""patchify, unpatchify and the fused patchify + gather (+ per-patch norm-pix) of MAE.
+
+Ops (torch.library custom ops, each with a fake implementation; the first three with autograd):
+  mae_fast::patchify(imgs, ph, pw)                             -> (B, L, P)
+  mae_fast::unpatchify(x, ph, pw, H, W)                        -> (B, C, H, W)
+  mae_fast::patchify_gather(imgs, ids, ph, pw, norm_pix, validate)  -> (B, K, P)
+  mae_fast::patchify_gather_backward(grad, imgs, ids?, ph, pw, norm_pix) -> like imgs
+with P = ph * pw * C, L = (H / ph) * (W / pw), features in (p, q, c) order (DESIGN.md section 4).
+
+Dispatch, inside each op: CUDA tensors run the Triton kernels of mae_fast.kernels.patchify;
+CPU tensors run the same kernels under the Triton interpreter when TRITON_INTERPRET=1 (and the
+kernels were imported with it) and a vectorised PyTorch fallback otherwise. float64 always takes
+the fallback (exact, used by gradcheck). Triton is imported on first use only, so importing
+mae_fast neither needs Triton nor touches CUDA.
+
+Validation: shapes, dtypes and devices are checked in the public functions (no tensor values, so
+torch.compile traces them without graph breaks). Index ranges are value checks: on CPU they always
+run, eagerly, inside the op before any kernel; on CUDA only with validate=True (a host sync).
+Without it, out-of-range ids still never touch memory outside the tensors: the forward writes
+NaN rows for them and the backward drops them.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+NORM_PIX_EPS = 1e-6
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+# ----------------------------------------------------------------------------- dispatch helpers
+
+_KERNEL_MODULES: dict = {}
 
 
-def patchify(imgs, patch_size):
-    return _ref.patchify(imgs, patch_size)
+def _load_kernels(name: str):
+    """mae_fast.kernels.<name>, imported on first use; None when Triton is unavailable."""
+    if name not in _KERNEL_MODULES:
+        try:
+            _KERNEL_MODULES[name] = importlib.import_module(f"mae_fast.kernels.{name}")
+        except ImportError:
+            _KERNEL_MODULES[name] = None
+    return _KERNEL_MODULES[name]
 
 
-def unpatchify(x, patch_size, image_size):
-    return _ref.unpatchify(x, patch_size, image_size)
+def _is_interpreted(mod) -> bool:
+    kernel = next(v for k, v in vars(mod).items() if k.endswith("_kernel"))
+    return type(kernel).__name__ == "InterpretedFunction"
 
 
-def patchify_gather(imgs, ids, patch_size, *, norm_pix=False):
-    return _ref.patchify_gather(imgs, ids, patch_size, norm_pix_target=norm_pix)
+def triton_kernels(name: str, t: Tensor):
+    """The kernel module to run for tensor t, or None for the PyTorch fallback."""
+    if t.dtype == torch.float64:
+        return None
+    if t.device.type == "cuda":
+        return _load_kernels(name)
+    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        mod = _load_kernels(name)
+        if mod is not None and _is_interpreted(mod):
+            return mod
+    return None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- validation
+
+def pair_arg(value, name: str) -> tuple[int, int]:
+    """int or (int, int) of positive ints -> (a, b); TypeError / ValueError naming `name`."""
+    vals = tuple(value) if isinstance(value, (tuple, list, torch.Size)) else (value, value)
+    if len(vals) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(vals) < 1:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return vals
+
+
+def check_imgs(imgs, patch_size, name: str = "imgs") -> tuple[int, int]:
+    """Checks a (B, C, H, W) floating image against patch_size; returns (ph, pw)."""
+    ph, pw = pair_arg(patch_size, "patch_size")
+    if not isinstance(imgs, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(imgs).__name__}")
+    if imgs.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(imgs.shape)}")
+    if not imgs.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), "
+                        f"got {imgs.dtype}")
+    _, _, H, W = imgs.shape
+    if H % ph:
+        raise ValueError(f"{name} height H={H} must be a multiple of patch_size ph={ph}")
+    if W % pw:
+        raise ValueError(f"{name} width W={W} must be a multiple of patch_size pw={pw}")
+    return ph, pw
+
+
+def check_ids(ids, imgs: Tensor, L: int, name: str = "ids", rows: Optional[int] = None) -> None:
+    """Metadata checks of a (B, K) index tensor (its values are checked by check_ids_values)."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int32 or int64, got {type(ids).__name__}")
+    if ids.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name} must have dtype int32 or int64, got {ids.dtype}")
+    B = imgs.shape[0]
+    if ids.dim() != 2 or ids.shape[0] != B:
+        raise ValueError(f"{name} must have shape (B={B}, K) with 1 <= K <= L={L}, got {tuple(ids.shape)}")
+    if not 1 <= ids.shape[1] <= L:
+        raise ValueError(f"{name} must have shape (B={B}, K) with 1 <= K <= L={L}, got {tuple(ids.shape)}")
+    if rows is not None and ids.shape[1] != rows:
+        raise ValueError(f"{name} must have shape (B={B}, M={rows}), got {tuple(ids.shape)}")
+    if ids.device != imgs.device:
+        raise ValueError(f"{name} must be on {imgs.device} like imgs, got {ids.device}")
+
+
+def check_ids_values(ids: Tensor, L: int, validate: bool, name: str = "ids") -> None:
+    """Range check [0, L) (and, with validate, distinct ids per row). Runs on CPU tensors always
+    (no sync there) and on CUDA only when validate=True (it syncs the host)."""
+    if ids.device.type != "cpu" and not validate:
+        return
+    if ids.numel() and bool(((ids < 0) | (ids >= L)).any()):
+        raise ValueError(f"{name} must be patch indices in [0, L={L}), got values in "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+    if validate and ids.shape[1] > 1:
+        s = ids.sort(dim=1).values
+        if bool((s[:, 1:] == s[:, :-1]).any()):
+            raise ValueError(f"{name} must be distinct within each row (a subset of a permutation)")
+
+
+# ----------------------------------------------------------------------------- PyTorch fallback
+
+def _patches_view(imgs: Tensor, ph: int, pw: int) -> Tensor:
+    """(B, C, H, W) -> (B, gh, gw, ph, pw, C) view-or-copy of the patches."""
+    B, C, H, W = imgs.shape
+    return imgs.reshape(B, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 3, 5, 1)
+
+
+def patchify_torch(imgs: Tensor, ph: int, pw: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Fallback patchify: a new contiguous (B, L, P) tensor (never a view of imgs)."""
+    B, C, H, W = imgs.shape
+    out = torch.empty((B, H // ph, W // pw, ph, pw, C), dtype=dtype or imgs.dtype, device=imgs.device)
+    out.copy_(_patches_view(imgs, ph, pw))
+    return out.reshape(B, (H // ph) * (W // pw), ph * pw * C)
+
+
+def unpatchify_into(x: Tensor, ph: int, pw: int, out: Tensor) -> Tensor:
+    """Fallback unpatchify: writes rows x (B, L, P) into out (B, C, H, W) (any strides)."""
+    B, C, H, W = out.shape
+    src = x.reshape(B, H // ph, W // pw, ph, pw, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+    return out.copy_(src)
+
+
+def norm_pix_torch(x: Tensor, eps: float = NORM_PIX_EPS) -> Tensor:
+    mean = x.mean(dim=-1, keepdim=True)
+    var = x.var(dim=-1, keepdim=True)
+    return (x - mean) / (var + eps).sqrt()
+
+
+def norm_pix_backward_torch(g: Tensor, x: Tensor, eps: float = NORM_PIX_EPS) -> Tensor:
+    """Gradient w.r.t. x of y = (x - mean) / sqrt(var + eps), var unbiased over the last dim:
+    dx = rstd * (g - mean(g) - y * sum(g * y) / (P - 1))."""
+    P = x.shape[-1]
+    d = x - x.mean(dim=-1, keepdim=True)
+    rstd = ((d * d).sum(dim=-1, keepdim=True) / (P - 1) + eps).rsqrt()
+    y = d * rstd
+    return rstd * (g - g.mean(dim=-1, keepdim=True) - y * (g * y).sum(dim=-1, keepdim=True) / (P - 1))
+
+
+def gather_rows(x: Tensor, ids: Tensor) -> Tensor:
+    return torch.gather(x, 1, ids.long().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def patchify_gather_torch(imgs: Tensor, ids: Tensor, ph: int, pw: int, norm_pix: bool) -> Tensor:
+    """Fallback forward: computes in fp32 (fp64 for fp64), returns imgs.dtype."""
+    rows = gather_rows(patchify_torch(imgs, ph, pw, compute_dtype(imgs.dtype)), ids)
+    if norm_pix:
+        rows = norm_pix_torch(rows)
+    return rows.to(imgs.dtype)
+
+
+def patchify_gather_backward_torch(grad: Tensor, imgs: Tensor, ids: Optional[Tensor], ph: int, pw: int,
+                                   norm_pix: bool) -> Tensor:
+    """Fallback backward: image gradient (like imgs: same shape, dtype and strides)."""
+    cd = compute_dtype(imgs.dtype)
+    g = grad.to(cd)
+    B, C, H, W = imgs.shape
+    L = (H // ph) * (W // pw)
+    if norm_pix:
+        x = patchify_torch(imgs, ph, pw, cd)
+        g = norm_pix_backward_torch(g, x if ids is None else gather_rows(x, ids))
+    if ids is not None:
+        g = torch.zeros((B, L, g.shape[-1]), dtype=cd, device=g.device).scatter_add_(
+            1, ids.long().unsqueeze(-1).expand(-1, -1, g.shape[-1]), g)
+    return unpatchify_into(g, ph, pw, torch.empty_like(imgs))
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("mae_fast::patchify", mutates_args=())
+def _patchify_op(imgs: Tensor, ph: int, pw: int) -> Tensor:
+    k = triton_kernels("patchify", imgs)
+    if k is not None:
+        return k.patchify_fwd(imgs, ph, pw)
+    return patchify_torch(imgs, ph, pw)
+
+
+@_patchify_op.register_fake
+def _(imgs, ph, pw):
+    B, C, H, W = imgs.shape
+    return imgs.new_empty((B, (H // ph) * (W // pw), ph * pw * C))
+
+
+def _patchify_setup(ctx, inputs, output):
+    _, ctx.ph, ctx.pw = inputs
+    ctx.image_size = tuple(inputs[0].shape[2:])
+
+
+def _patchify_backward(ctx, grad):
+    return torch.ops.mae_fast.unpatchify(grad, ctx.ph, ctx.pw, *ctx.image_size), None, None
+
+
+_patchify_op.register_autograd(_patchify_backward, setup_context=_patchify_setup)
+
+
+@torch.library.custom_op("mae_fast::unpatchify", mutates_args=())
+def _unpatchify_op(x: Tensor, ph: int, pw: int, H: int, W: int) -> Tensor:
+    B, L, P = x.shape
+    out = x.new_empty((B, P // (ph * pw), H, W))
+    k = triton_kernels("patchify", x)
+    if k is not None:
+        return k.unpatchify_fwd(x, ph, pw, out)
+    return unpatchify_into(x, ph, pw, out)
+
+
+@_unpatchify_op.register_fake
+def _(x, ph, pw, H, W):
+    B, L, P = x.shape
+    return x.new_empty((B, P // (ph * pw), H, W))
+
+
+def _unpatchify_setup(ctx, inputs, output):
+    _, ctx.ph, ctx.pw, _, _ = inputs
+
+
+def _unpatchify_backward(ctx, grad):
+    return torch.ops.mae_fast.patchify(grad, ctx.ph, ctx.pw), None, None, None, None
+
+
+_unpatchify_op.register_autograd(_unpatchify_backward, setup_context=_unpatchify_setup)
+
+
+@torch.library.custom_op("mae_fast::patchify_gather", mutates_args=())
+def _patchify_gather_op(imgs: Tensor, ids: Tensor, ph: int, pw: int, norm_pix: bool, validate: bool) -> Tensor:
+    L = (imgs.shape[2] // ph) * (imgs.shape[3] // pw)
+    check_ids_values(ids, L, validate)
+    k = triton_kernels("patchify", imgs)
+    if k is not None:
+        return k.patchify_gather_fwd(imgs, ids, ph, pw, norm_pix)
+    return patchify_gather_torch(imgs, ids, ph, pw, norm_pix)
+
+
+@_patchify_gather_op.register_fake
+def _(imgs, ids, ph, pw, norm_pix, validate):
+    B, C, H, W = imgs.shape
+    return imgs.new_empty((B, ids.shape[1], ph * pw * C))
+
+
+def _patchify_gather_setup(ctx, inputs, output):
+    imgs, ids, ctx.ph, ctx.pw, ctx.norm_pix, _ = inputs
+    ctx.save_for_backward(imgs, ids)
+
+
+def _patchify_gather_backward(ctx, grad):
+    imgs, ids = ctx.saved_tensors
+    gi = None
+    if ctx.needs_input_grad[0]:
+        gi = torch.ops.mae_fast.patchify_gather_backward(grad, imgs, ids, ctx.ph, ctx.pw, ctx.norm_pix)
+    return gi, None, None, None, None, None
+
+
+_patchify_gather_op.register_autograd(_patchify_gather_backward, setup_context=_patchify_gather_setup)
+
+
+def inverse_ids(ids: Tensor, L: int) -> Tensor:
+    """(B, K) patch ids -> (B, L) int32: inv[b, ids[b, k]] = k, -1 for patches not in ids.
+    Out-of-range ids are dropped (they land in a spare column that is cut off)."""
+    B, K = ids.shape
+    inv = torch.full((B, L + 1), -1, dtype=torch.int32, device=ids.device)
+    idx = torch.where((ids >= 0) & (ids < L), ids, L).long()
+    src = torch.arange(K, dtype=torch.int32, device=ids.device).expand(B, K)
+    return inv.scatter_(1, idx, src)[:, :L]
+
+
+@torch.library.custom_op("mae_fast::patchify_gather_backward", mutates_args=())
+def _patchify_gather_backward_op(grad: Tensor, imgs: Tensor, ids: Optional[Tensor], ph: int, pw: int,
+                                 norm_pix: bool) -> Tensor:
+    """Image gradient of patchify_gather (ids given, rows (B, K, P)) or of patchify + norm-pix
+    (ids None, rows (B, L, P)). Requires ids distinct within a row (Triton path)."""
+    k = triton_kernels("patchify", imgs)
+    if k is not None:
+        L = (imgs.shape[2] // ph) * (imgs.shape[3] // pw)
+        inv = None if ids is None else inverse_ids(ids, L)
+        return k.patchify_gather_bwd(grad, imgs, inv, ph, pw, norm_pix)
+    return patchify_gather_backward_torch(grad, imgs, ids, ph, pw, norm_pix)
+
+
+@_patchify_gather_backward_op.register_fake
+def _(grad, imgs, ids, ph, pw, norm_pix):
+    return torch.empty_like(imgs)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def patchify(imgs: Tensor, patch_size) -> Tensor:
+    """(B, C, H, W) -> (B, L, ph*pw*C): patch i*gw + j, features in (p, q, c) order.
+
+    patch_size: int or (ph, pw). Differentiable (its backward is unpatchify)."""
+    ph, pw = check_imgs(imgs, patch_size)
+    return torch.ops.mae_fast.patchify(imgs, ph, pw)
+
+
+def unpatchify(x: Tensor, patch_size, image_size) -> Tensor:
+    """(B, L, ph*pw*C) -> (B, C, H, W), the inverse of patchify; image_size = (H, W) or an int.
+    Differentiable (its backward is patchify). The result is contiguous."""
+    ph, pw = pair_arg(patch_size, "patch_size")
+    H, W = pair_arg(image_size, "image_size")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if H % ph or W % pw:
+        raise ValueError(f"image_size {(H, W)} must be multiples of patch_size {(ph, pw)}")
+    L = (H // ph) * (W // pw)
+    if x.dim() != 3 or x.shape[1] != L or x.shape[2] % (ph * pw) or x.shape[2] == 0:
+        raise ValueError(f"x must have shape (B, L={L}, ph*pw*C) with ph*pw={ph * pw}, got {tuple(x.shape)}")
+    return torch.ops.mae_fast.unpatchify(x, ph, pw, H, W)
+
+
+def patchify_gather(imgs: Tensor, ids: Tensor, patch_size, *, norm_pix: bool = False,
+                    validate: bool = False) -> Tensor:
+    """Fused patchify + gather (+ per-patch normalisation): (B, K, ph*pw*C).
+
+    Row k of image b is patch ids[b, k] of imgs[b] ((p, q, c) features). With norm_pix each row
+    is (x - mean) / sqrt(var + 1e-6), mean and unbiased var over the row (the official
+    norm_pix_loss target). The image is read once, in its own strides (channels_last, sliced,
+    ... inputs are not copied); arithmetic in fp32; the result has imgs.dtype.
+
+    ids: (B, K) int32/int64 with 1 <= K <= L, values in [0, L). CPU ids are range-checked
+    eagerly; CUDA ids only with validate=True (a host sync), which also checks that the ids of a
+    row are distinct. Unvalidated out-of-range ids on CUDA give NaN rows, never stray memory
+    accesses. Backward gives the image gradient (row gradients scattered back, through norm-pix)
+    and REQUIRES the ids of a row to be distinct, as they are in every MAE (a subset of a
+    permutation): with repeated ids the gradient of only one of the repeats is kept.
+    """
+    ph, pw = check_imgs(imgs, patch_size)
+    L = (imgs.shape[2] // ph) * (imgs.shape[3] // pw)
+    check_ids(ids, imgs, L)
+    return torch.ops.mae_fast.patchify_gather(imgs, ids, ph, pw, bool(norm_pix), bool(validate))
+
+
+__all__ = ["patchify", "unpatchify", "patchify_gather"]
