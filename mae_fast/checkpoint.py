@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LoadReport", "CheckpointError", "load_checkpoint", "save_checkpoint", "read_state_dict",
-           "interpolate_pos_table", "POS_TABLE_KEYS"]
+           "interpolate_pos_table", "compact_keys", "POS_TABLE_KEYS"]
 
 # Position tables that are resized instead of rejected when their length differs.
 POS_TABLE_KEYS = ("pos_embed", "decoder_pos_embed")
@@ -97,9 +97,12 @@ def _is_safetensors_file(path: str) -> bool:
     try:
         with open(path, "rb") as f:
             head = f.read(9)
+        size = os.path.getsize(path)
     except OSError:
         return False
-    return len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK")
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return int.from_bytes(head[:8], "little") <= size - 8
 
 
 def _load_safetensors(path: str) -> dict[str, torch.Tensor]:

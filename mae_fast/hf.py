@@ -103,9 +103,20 @@ def _installed_key_format() -> str:
 
 # ----------------------------------------------------------------------------- state dicts
 
+# transformers 5.x save_pretrained writes legacy (4.x) names, and renames the decoder's
+# 'decoder_layers.' by mistake to 'decoder_encoder.layer.' (its own from_pretrained reverses it).
+_SAVED_BY_5X_DECODER = "decoder.decoder_encoder.layer."
+
+
+def _undo_5x_save_names(sd: Mapping) -> dict:
+    return {(_DECODER_LAYER_PREFIX + k[len(_SAVED_BY_5X_DECODER):] if k.startswith(_SAVED_BY_5X_DECODER) else k): v
+            for k, v in sd.items()}
+
+
 def detect_key_format(hf_state_dict: Mapping) -> str:
-    """'4.x' or '5.x' from the attention key names ('5.x' when there are no transformer layers)."""
-    keys = list(hf_state_dict)
+    """'4.x' or '5.x' from the attention key names ('5.x' when there are no transformer layers).
+    Files written by transformers 5.x save_pretrained carry 4.x names and count as '4.x'."""
+    keys = list(_undo_5x_save_names(hf_state_dict))
     has4 = any(re.search(r"(^|\.)(encoder\.layer|decoder_layers)\.\d+\.attention\.attention\.", k) for k in keys)
     has5 = any(re.search(r"(^|\.)(layers|decoder_layers)\.\d+\.attention\.(q|k|v|o)_proj\.", k) for k in keys)
     if has4 and has5:
@@ -167,13 +178,15 @@ def _official_names_for_hf(keys, fmt: str) -> dict:
 
 def official_state_dict_from_hf(hf_state_dict: Mapping) -> dict:
     """Official-layout state dict from a ViTMAEForPreTraining (or ViTMAEModel) state dict with
-    transformers 4.x or 5.x key names (detected from the keys). q, k, v are fused into qkv.
+    transformers 4.x or 5.x key names (detected from the keys), or from a file written by 5.x
+    save_pretrained (4.x names, decoder layers as 'decoder.decoder_encoder.layer.i'). q, k, v are
+    fused into qkv.
 
     Every HF key must map to an official one (else ValueError listing the strays); an incomplete
     q/k/v triple is an error. Keys absent from the input (e.g. the decoder of an encoder-only
     ViTMAEModel) are simply absent from the output."""
     fmt = detect_key_format(hf_state_dict)
-    sd = _with_vit_prefix(hf_state_dict)
+    sd = _with_vit_prefix(_undo_5x_save_names(hf_state_dict))
     names = _official_names_for_hf(set(sd), fmt)
     out, used = {}, set()
     for off, hf in sorted(names.items(), key=lambda kv: _official_sort_key(kv[0])):
@@ -362,7 +375,8 @@ def hf_config_from_official(model: nn.Module, mask_ratio: float | None = 0.75):
         raise ValueError(f"img_size {(H, W)} is not square: transformers' ViTMAEForPreTraining only "
                          f"supports square images")
     if mask_ratio is None:
-        mask_ratio = getattr(model, "default_mask_ratio", None) or 0.75
+        mask_ratio = getattr(model, "default_mask_ratio", None)
+        mask_ratio = 0.75 if mask_ratio is None else mask_ratio
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio={mask_ratio} must be in [0, 1)")
     D, Dd, r = kw["embed_dim"], kw["decoder_embed_dim"], kw["mlp_ratio"]
@@ -420,7 +434,8 @@ def from_hf(model_cls, model_or_path):
     """Build `model_cls(**official kwargs)` from a transformers ViTMAEForPreTraining (instance or
     local save_pretrained directory; nothing is downloaded) and load its weights strictly.
 
-    Returns the model with `model.default_mask_ratio = config.mask_ratio`. A classmethod can wrap
+    Returns the model (on the source instance's device and dtype; from a directory: CPU, the
+    model's default dtype) with `model.default_mask_ratio = config.mask_ratio`. A classmethod can wrap
     it: `from_hf = classmethod(lambda cls, m: mae_fast.hf.from_hf(cls, m))`."""
     config, hf_sd = _load_hf(model_or_path)
     kwargs, mask_ratio = official_config_from_hf(config)
@@ -439,7 +454,17 @@ def from_hf(model_cls, model_or_path):
     for k, v in sd.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise ValueError(f"shape mismatch for {k!r}: converted {tuple(v.shape)}, model {tuple(own[k].shape)}")
+    zero = [k for k in _POS_TABLES if k in sd and not sd[k].any()]
+    if zero:
+        warnings.warn(
+            f"{zero} are all zeros in the Hugging Face weights (transformers 5.x leaves the sin-cos tables "
+            f"of a freshly initialised ViTMAEForPreTraining at zero; pretrained checkpoints carry them); "
+            f"copied as they are", stacklevel=2)
     model.load_state_dict(sd, strict=False)
+    if isinstance(model_or_path, nn.Module):  # follow the source model's device and dtype
+        p = next(model_or_path.parameters(), None)
+        if p is not None:
+            model.to(device=p.device, dtype=p.dtype)
     model.default_mask_ratio = mask_ratio
     return model
 
