@@ -125,7 +125,8 @@ def _torch_load(path: str):
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "weights_only" in msg.lower() or "weights only" in msg.lower():
-            first = msg.strip().splitlines()[-1] if msg.strip() else msg
+            lines = [ln.strip() for ln in msg.splitlines() if "global" in ln.lower() and ln.strip()]
+            first = lines[0] if lines else msg.strip().splitlines()[-1] if msg.strip() else msg
             raise CheckpointError(
                 f"refusing to load {path!r}: it holds objects that torch.load(weights_only=True) does not "
                 f"allow (unpickling it could run arbitrary code). Only tensors, containers, numbers, strings "

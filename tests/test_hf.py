@@ -82,7 +82,8 @@ def test_official_model_to_hf_matches():
     hf = H.to_hf(model, mask_ratio=0.7, attn_implementation="eager")
     assert isinstance(hf, ViTMAEForPreTraining) and not hf.training
     c = hf.config
-    assert (c.layer_norm_eps, c.mask_ratio, c.norm_pix_loss, c.hidden_act, c.qkv_bias) == (1e-6, 0.7, True, "gelu", True)
+    got = (c.layer_norm_eps, c.mask_ratio, c.norm_pix_loss, c.hidden_act, c.qkv_bias)
+    assert got == (1e-6, 0.7, True, "gelu", True)
     assert (c.intermediate_size, c.decoder_intermediate_size) == (128, 64)
     # the sin-cos tables travel with the weights (fresh 5.x models start with zero tables)
     torch.testing.assert_close(hf.vit.embeddings.position_embeddings, model.pos_embed, rtol=0, atol=0)
@@ -278,7 +279,8 @@ def test_bad_state_dicts_are_rejected():
     with pytest.raises(ValueError, match="mixes transformers 4.x"):
         H.official_state_dict_from_hf(mixed)
     stray = dict(sd5, **{"classifier.weight": torch.zeros(2)})
-    with pytest.raises(ValueError, match=re.escape("unrecognised ViTMAE keys for transformers 5.x names: ['classifier.weight']")):
+    msg = "unrecognised ViTMAE keys for transformers 5.x names: ['classifier.weight']"
+    with pytest.raises(ValueError, match=re.escape(msg)):
         H.official_state_dict_from_hf(stray)
     partial = {k: v for k, v in sd5.items() if k != "vit.layers.1.attention.v_proj.bias"}
     with pytest.raises(ValueError, match=r"blocks\.1\.attn\.qkv\.bias: the q/k/v triple is incomplete"):
