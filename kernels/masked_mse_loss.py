@@ -22,6 +22,9 @@ import triton.language as tl
 
 from .patchify import NORM_PIX_EPS, _block_config, _patch_offsets
 
+# Allocator of every buffer the kernels write (a module attribute so tests can NaN-poison it).
+empty = torch.empty
+
 
 @triton.jit
 def _load_rows(pred_ptr, img_ptr, w_ptr, ids_ptr, b, rows, R, L, GW, P,
@@ -161,15 +164,15 @@ def masked_mse_loss_fwd(pred, imgs, mask, ids, ph, pw, norm_pix=False, out_dtype
     a = _launch_args(pred, imgs, mask, ids, ph, pw)
     n_r = triton.cdiv(a["R"], a["block_r"])
     n = n_r * a["B"]
-    part = torch.empty(n, device=pred.device, dtype=torch.float32)
-    wpart = torch.empty(n, device=pred.device, dtype=torch.float32) if mask is not None else part
+    part = empty(n, device=pred.device, dtype=torch.float32)
+    wpart = empty(n, device=pred.device, dtype=torch.float32) if mask is not None else part
     _masked_mse_loss_fwd_kernel[(n_r, a["B"])](
         pred, imgs, a["w"], a["ids"], part, wpart, a["R"], a["L"], a["gw"], a["P"],
         *pred.stride(), *imgs.stride(), *a["s_w"], *a["s_d"], NORM_PIX_EPS,
         C=a["C"], PH=ph, PW=pw, HAS_MASK=mask is not None, NORM=bool(norm_pix),
         BLOCK_R=a["block_r"], BLOCK_P=a["block_p"], num_warps=a["num_warps"])
-    loss = torch.empty((), device=pred.device, dtype=out_dtype or pred.dtype)
-    denom = torch.empty((), device=pred.device, dtype=torch.float32)
+    loss = empty((), device=pred.device, dtype=out_dtype or pred.dtype)
+    denom = empty((), device=pred.device, dtype=torch.float32)
     count = float(a["B"] * a["R"] * a["P"])
     _masked_mse_loss_finalize_kernel[(1,)](part, wpart, loss, denom, n, count, a["P"],
                                            HAS_MASK=mask is not None, BLOCK=1024, num_warps=4)
@@ -179,7 +182,7 @@ def masked_mse_loss_fwd(pred, imgs, mask, ids, ph, pw, norm_pix=False, out_dtype
 def masked_mse_loss_bwd(grad_loss, denom, pred, imgs, mask, ids, ph, pw, norm_pix=False):
     """Gradient w.r.t. pred, contiguous (B, R, P) in pred.dtype; one pass, targets recomputed."""
     a = _launch_args(pred, imgs, mask, ids, ph, pw)
-    gpred = torch.empty(pred.shape, device=pred.device, dtype=pred.dtype)
+    gpred = empty(pred.shape, device=pred.device, dtype=pred.dtype)
     if gpred.numel() == 0:
         return gpred
     n_r = triton.cdiv(a["R"], a["block_r"])

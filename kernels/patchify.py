@@ -20,6 +20,11 @@ import triton.language as tl
 
 NORM_PIX_EPS = 1e-6
 
+# Output allocators, module attributes so that tests can poison them (NaN-fill) and catch any
+# element a kernel fails to write.
+empty = torch.empty
+empty_like = torch.empty_like
+
 
 def _block_config(P, rows):
     """(BLOCK_R, BLOCK_P, num_warps): one program holds BLOCK_R whole patch rows.
@@ -149,7 +154,7 @@ def patchify_gather_fwd(imgs, ids, ph, pw, norm_pix=False, out=None):
     L, P = gh * gw, ph * pw * C
     K = L if ids is None else ids.shape[1]
     if out is None:
-        out = imgs.new_empty((B, K, P))
+        out = empty((B, K, P), dtype=imgs.dtype, device=imgs.device)
     if B == 0 or K == 0:
         return out
     block_r, block_p, num_warps = _block_config(P, K)
@@ -167,7 +172,7 @@ def patchify_gather_bwd(grad, imgs, inv, ph, pw, norm_pix=False, out=None, image
     for k = l; imgs is read only with norm_pix (and gives the output's shape and strides).
     Returns out (a new tensor like imgs unless given); every element is written."""
     if out is None:
-        out = torch.empty_like(imgs)
+        out = empty_like(imgs)
     B, C, H, W = out.shape
     gh, gw = H // ph, W // pw
     L, P = gh * gw, ph * pw * C
@@ -191,6 +196,8 @@ def patchify_fwd(imgs, ph, pw):
     return patchify_gather_fwd(imgs, None, ph, pw)
 
 
-def unpatchify_fwd(x, ph, pw, out):
-    """(B, L, ph*pw*C) -> out (B, C, H, W), preallocated by the caller (shape and memory format)."""
+def unpatchify_fwd(x, ph, pw, H, W, out=None):
+    """(B, L, ph*pw*C) -> (B, C, H, W), contiguous unless out is given."""
+    if out is None:
+        out = empty((x.shape[0], x.shape[2] // (ph * pw), H, W), dtype=x.dtype, device=x.device)
     return patchify_gather_bwd(x, None, None, ph, pw, out=out)

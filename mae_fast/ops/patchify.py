@@ -226,12 +226,11 @@ _patchify_op.register_autograd(_patchify_backward, setup_context=_patchify_setup
 
 @torch.library.custom_op("mae_fast::unpatchify", mutates_args=())
 def _unpatchify_op(x: Tensor, ph: int, pw: int, H: int, W: int) -> Tensor:
-    B, L, P = x.shape
-    out = x.new_empty((B, P // (ph * pw), H, W))
     k = triton_kernels("patchify", x)
     if k is not None:
-        return k.unpatchify_fwd(x, ph, pw, out)
-    return unpatchify_into(x, ph, pw, out)
+        return k.unpatchify_fwd(x, ph, pw, H, W)
+    B, L, P = x.shape
+    return unpatchify_into(x, ph, pw, x.new_empty((B, P // (ph * pw), H, W)))
 
 
 @_unpatchify_op.register_fake
