@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LoadReport", "CheckpointError", "load_checkpoint", "save_checkpoint", "read_state_dict",
-           "interpolate_pos_table", "compact_keys", "POS_TABLE_KEYS"]
+__all__ = ["LoadReport", "CheckpointError", "load_checkpoint", "save_checkpoint", "read_checkpoint",
+           "read_state_dict", "interpolate_pos_table", "compact_keys", "POS_TABLE_KEYS"]
 
 # Position tables that are resized instead of rejected when their length differs.
 POS_TABLE_KEYS = ("pos_embed", "decoder_pos_embed")
@@ -164,13 +164,13 @@ def _extract_state_dict(obj, where: str) -> dict[str, torch.Tensor]:
     return _strip_wrapper_prefixes(dict(obj))
 
 
-def read_state_dict(path_or_state) -> dict[str, torch.Tensor]:
-    """The raw state dict of a checkpoint file or object, keys as stored (wrapper prefixes removed)."""
-    if isinstance(path_or_state, Mapping):
-        return _extract_state_dict(path_or_state, "state dict argument")
-    if not isinstance(path_or_state, (str, os.PathLike)):
-        raise TypeError(f"expected a path or a state dict, got {type(path_or_state).__name__}")
-    path = os.fspath(path_or_state)
+def read_checkpoint(path) -> dict:
+    """The whole checkpoint object of a file (e.g. {'model', 'optimizer', 'epoch', 'scaler', 'args'}),
+    read safely (weights_only=True; safetensors files give their flat tensor dict). Missing file:
+    FileNotFoundError; corrupt, truncated or code-carrying file: CheckpointError naming the path."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"expected a checkpoint path, got {type(path).__name__}")
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r}")
     if os.path.isdir(path):
@@ -178,7 +178,18 @@ def read_state_dict(path_or_state) -> dict[str, torch.Tensor]:
             f"{path!r} is a directory; pass a checkpoint file (for a Hugging Face save_pretrained folder "
             f"use MaskedAutoencoderViT.from_hf / mae_fast.hf.from_hf)")
     obj = _load_safetensors(path) if _is_safetensors_file(path) else _torch_load(path)
-    return _extract_state_dict(obj, repr(path))
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path!r}: expected a dict checkpoint, got {type(obj).__name__}")
+    return obj
+
+
+def read_state_dict(path_or_state) -> dict[str, torch.Tensor]:
+    """The raw state dict of a checkpoint file or object, keys as stored (wrapper prefixes removed)."""
+    if isinstance(path_or_state, Mapping):
+        return _extract_state_dict(path_or_state, "state dict argument")
+    if not isinstance(path_or_state, (str, os.PathLike)):
+        raise TypeError(f"expected a path or a state dict, got {type(path_or_state).__name__}")
+    return _extract_state_dict(read_checkpoint(path_or_state), repr(os.fspath(path_or_state)))
 
 
 # ----------------------------------------------------------------------------- position tables
@@ -275,7 +286,8 @@ def _looks_like_hf(sd: Mapping) -> bool:
 
 
 def load_checkpoint(model: nn.Module, path_or_state, *, strict: bool = False,
-                    checkpoint_grid: tuple[int, int] | None = None) -> LoadReport:
+                    checkpoint_grid: tuple[int, int] | None = None,
+                    interpolate: bool | None = None) -> LoadReport:
     """Load a checkpoint into an official-layout MaskedAutoencoderViT (reference or fast model).
 
     path_or_state: a file path ({'model': sd} .pth, plain state dict, .safetensors) or an in-memory
@@ -285,7 +297,11 @@ def load_checkpoint(model: nn.Module, path_or_state, *, strict: bool = False,
     Other shape mismatches raise ValueError naming the key and both shapes.
 
     strict=False: missing / unexpected keys are reported (a warning and the returned LoadReport);
-    strict=True: they raise a RuntimeError instead. Returns a LoadReport."""
+    strict=True: they raise a RuntimeError instead. interpolate (default: not strict) allows the
+    position-table resize; when off, a table of another grid is a shape mismatch (ValueError), as
+    it should be when resuming a run. Returns a LoadReport."""
+    if interpolate is None:
+        interpolate = not strict
     source = None if isinstance(path_or_state, Mapping) else os.fspath(path_or_state)
     sd = read_state_dict(path_or_state)
     report = LoadReport(source=source)
@@ -307,7 +323,8 @@ def load_checkpoint(model: nn.Module, path_or_state, *, strict: bool = False,
             out[key] = value
             continue
         is_table = key.rpartition(".")[2] in POS_TABLE_KEYS and value.dim() == 3 and target.dim() == 3
-        if is_table and value.shape[0] == target.shape[0] and value.shape[2] == target.shape[2] and grid:
+        if interpolate and is_table and value.shape[0] == target.shape[0] and value.shape[2] == target.shape[2] \
+                and grid:
             num_extra = target.shape[1] - grid[0] * grid[1]
             n_old = value.shape[1] - num_extra
             if num_extra >= 0 and n_old > 0:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mae_fast.checkpoint import (CheckpointError, LoadReport, compact_keys, interpolate_pos_table,
-                                 load_checkpoint, save_checkpoint)
+                                 load_checkpoint, read_checkpoint, save_checkpoint)
 from mae_fast.reference import MaskedAutoencoderViT
 
 TINY = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=4,
@@ -69,6 +69,11 @@ def test_round_trip(tmp_path, fmt):
     assert isinstance(report, LoadReport)
     assert report.ok and not report.interpolated and report.converted_from is None
     assert_same_weights(src, dst)
+    if fmt == "official":  # the whole training state comes back, args included
+        ckpt = read_checkpoint(arg)
+        assert ckpt["epoch"] == 3 and ckpt["args"].blr == 1.5e-4 and ckpt["scaler"]["scale"] == 65536.0
+        opt2 = torch.optim.AdamW(dst.parameters(), lr=1e-3)
+        opt2.load_state_dict(ckpt["optimizer"])
 
 
 def test_safetensors_is_detected_without_the_extension(tmp_path):
@@ -189,6 +194,17 @@ def test_pos_tables_are_interpolated(tmp_path, ckpt_img, model_img, old, new):
     assert torch.isfinite(loss) and pred.shape[1] == L
 
 
+def test_strict_load_does_not_interpolate_unless_asked():
+    sd = make_model(1, img_size=16).state_dict()
+    msg = "'pos_embed': checkpoint has (1, 5, 32), model expects (1, 17, 32)"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        load_checkpoint(make_model(2), sd, strict=True)
+    report = load_checkpoint(make_model(2), sd, strict=True, interpolate=True)
+    assert set(report.interpolated) == {"pos_embed", "decoder_pos_embed"}
+    with pytest.raises(ValueError, match="pos_embed"):
+        load_checkpoint(make_model(2), sd, interpolate=False)
+
+
 def test_ambiguous_checkpoint_grid_needs_checkpoint_grid():
     sd = make_model(1, img_size=(16, 24)).state_dict()  # 2x3 grid
     dst = make_model(2)  # 4x4: aspect 1, and 6 rows are no square
@@ -224,6 +240,10 @@ def test_missing_file_names_the_path(tmp_path):
     path = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
         load_checkpoint(make_model(), path)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
+        read_checkpoint(path)
+    with pytest.raises(IsADirectoryError, match="from_hf"):
+        load_checkpoint(make_model(), tmp_path)
 
 
 @pytest.mark.parametrize("name", ["ckpt.pth", "model.safetensors"])
