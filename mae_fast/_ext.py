@@ -25,6 +25,8 @@ def build_info() -> dict:
 
 def _load():
     try:
+        import torch  # noqa: F401 -- loads libc10/libtorch, which mae_fast._C links against
+
         importlib.import_module("mae_fast._C")
         return True, ""
     except ImportError as e:
