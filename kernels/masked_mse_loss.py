@@ -39,10 +39,10 @@ def _load_rows(pred_ptr, img_ptr, w_ptr, ids_ptr, b, rows, R, L, GW, P,
         bad = rows < 0
         active = row_ok & (w != 0.0)
     else:
-        pidx = tl.load(ids_ptr + b * s_db + rows * s_dk, mask=row_ok, other=0).to(tl.int32)
-        valid = (pidx >= 0) & (pidx < L)
+        pidx = tl.load(ids_ptr + b * s_db + rows * s_dk, mask=row_ok, other=0)
+        valid = (pidx >= 0) & (pidx < L)  # compared in the ids dtype: no int64 wrap-around
         bad = row_ok & (~valid)
-        pidx = tl.where(valid, pidx, 0)
+        pidx = tl.where(valid, pidx, 0).to(tl.int32)
         active = row_ok & valid
         w = tl.where(row_ok, 1.0, 0.0)
     f = tl.arange(0, BLOCK_P)

@@ -67,9 +67,9 @@ def _patchify_gather_fwd_kernel(
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < K
     if HAS_IDS:
-        pidx = tl.load(ids_ptr + b * s_db + rows * s_dk, mask=row_ok, other=0).to(tl.int32)
-        valid = row_ok & (pidx >= 0) & (pidx < L)
-        pidx = tl.where(valid, pidx, 0)
+        pidx = tl.load(ids_ptr + b * s_db + rows * s_dk, mask=row_ok, other=0)
+        valid = row_ok & (pidx >= 0) & (pidx < L)  # compared in the ids dtype: no int64 wrap-around
+        pidx = tl.where(valid, pidx, 0).to(tl.int32)
     else:
         pidx = rows
         valid = row_ok

@@ -340,7 +340,7 @@ def test_out_of_range_ids_never_touch_memory_outside():
     from mae_fast.kernels import patchify as kp
 
     imgs = make_imgs(2, 3, 8, 12)
-    ids = torch.tensor([[0, 6, 5], [-3, 1, 1 << 20]])
+    ids = torch.tensor([[0, 6, 5], [-3, 1, (1 << 32) + 2]])  # the last wraps to 2 in int32
     out = kp.patchify_gather_fwd(imgs, ids, 4, 4, norm_pix=True)
     bad = (ids < 0) | (ids >= 6)
     assert out[bad].isnan().all() and not out[~bad].isnan().any()
@@ -397,3 +397,27 @@ def test_gpu_no_host_sync_and_validate():
     assert out[0, 0].isnan().all() and not out[1:].isnan().any()
     with pytest.raises(ValueError, match=r"\[0, L=12\)"):
         mae_fast.ops.patchify_gather(imgs, bad, 16, validate=True)
+
+
+# ----------------------------------------------------------------------------- random shapes (hypothesis)
+
+try:
+    from hypothesis import given, settings, strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+if given is not None:
+    @settings(max_examples=25, deadline=None)
+    @given(B=st.integers(1, 2), C=st.integers(1, 5), gh=st.integers(1, 4), gw=st.integers(1, 4),
+           ph=st.integers(2, 6), pw=st.integers(2, 6), frac=st.floats(0.0, 1.0), norm_pix=st.booleans(),
+           channels_last=st.booleans())
+    def test_patchify_gather_random_shapes(B, C, gh, gw, ph, pw, frac, norm_pix, channels_last):
+        L = gh * gw
+        imgs = make_imgs(B, C, gh * ph, gw * pw, "channels_last" if channels_last else "contiguous")
+        ids = make_ids(B, L, max(1, round(frac * L)))
+        out = mae_fast.ops.patchify_gather(imgs, ids, (ph, pw), norm_pix=norm_pix)
+        ref = R.patchify_gather(imgs.double(), ids, (ph, pw), norm_pix_target=norm_pix)
+        assert_fp32_close(out, ref, atol=1e-4)
+        full = mae_fast.ops.patchify(imgs, (ph, pw))
+        assert torch.equal(full, R.patchify(imgs, (ph, pw)))
+        assert torch.equal(mae_fast.ops.unpatchify(full, (ph, pw), (gh * ph, gw * pw)), imgs)
