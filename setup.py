@@ -125,8 +125,13 @@ setup(
     packages=["mae_fast", "mae_fast.ops", "mae_fast.kernels"],
     package_dir={"mae_fast": "mae_fast", "mae_fast.kernels": "kernels"},
     package_data={"mae_fast": ["_build_info.json"]},
-    install_requires=["torch>=2.5", "triton; platform_system == 'Linux'", "einops", "numpy"],
-    extras_require={"hf": ["transformers", "safetensors"], "seed": ["vit-pytorch"]},
+    install_requires=["torch>=2.5", "triton; platform_system == 'Linux'", "einops", "numpy", "tqdm"],
+    extras_require={
+        "demo": ["scikit-image", "scikit-learn", "matplotlib", "pillow"],  # the CLI's embedded data and pictures
+        "hf": ["transformers", "safetensors"],
+        "seed": ["vit-pytorch"],
+    },
+    entry_points={"console_scripts": ["mae-fast=mae_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -99,13 +99,23 @@ class MaskedAutoencoderViT(nn.Module):
 
     def _encode(self, imgs, mask_ratio, noise):
         m = random_masking(imgs.shape[0], self.num_patches, mask_ratio, noise, device=imgs.device)
-        x = self.patch_embed(ops.patchify_gather(imgs, m.ids_keep, self.patch_size))
-        x = x + self.pos_embed[0, 1:][m.ids_keep]
+        return self._encode_patches(imgs, m.ids_keep), m
+
+    def _encode_patches(self, imgs, ids):
+        """Encoder output (B, 1 + K, D) for patches ids (B, K): only those are ever embedded."""
+        x = self.patch_embed(ops.patchify_gather(imgs, ids, self.patch_size))
+        x = x + self.pos_embed[0, 1:][ids]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x), m
+        return self.norm(x)
+
+    def forward_features(self, imgs):
+        """Encoder tokens of the whole image, unmasked: (B, 1 + L, D), as a fine-tuned ViT sees it."""
+        self.check_input(imgs)
+        ids = torch.arange(self.num_patches, device=imgs.device).expand(imgs.shape[0], -1)
+        return self._encode_patches(imgs, ids)
 
     def _decode(self, latent, ids_keep):
         """Decoder blocks' output (B, 1 + L, Dd), before decoder_norm."""

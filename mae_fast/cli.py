@@ -1,0 +1,130 @@
+"""`mae-fast`: pretrain, probe, visualize, export."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+USAGE = """mae-fast <command> [options]
+
+commands:
+  pretrain                 pretrain an MAE (default: a tiny model on the embedded sample photos)
+  probe CHECKPOINT         linear probe of the frozen encoder on the embedded digits, vs random init
+  visualize CHECKPOINT IMAGE...   reconstruction pictures for your own images
+  export CHECKPOINT --to timm|hf  an encoder state dict for timm's ViT or transformers' ViTMAE
+
+`mae-fast <command> --help` for the options of each."""
+
+OFFICIAL_NAMES = {"mae_vit_base_patch16": "base", "mae_vit_large_patch16": "large", "mae_vit_huge_patch14": "huge"}
+
+
+def model_from_checkpoint(path: str):
+    """Rebuilds the model a training checkpoint was made with and loads its weights."""
+    from .checkpoint import load_checkpoint, read_checkpoint
+    from .presets import build_model
+
+    ckpt = read_checkpoint(path)
+    args = ckpt.get("args") or {}
+    args = args if isinstance(args, dict) else vars(args)
+    preset = OFFICIAL_NAMES.get(args.get("model"), args.get("model"))
+    if preset is None:
+        raise SystemExit(f"{path}: no 'args' with the model preset inside; it was not written by "
+                         "mae-fast pretrain or the official main_pretrain.py")
+    model = build_model(preset, args.get("img_size") or args.get("input_size"),
+                        norm_pix_loss=bool(args.get("norm_pix_loss", True)))
+    report = load_checkpoint(model, ckpt, strict=False)
+    if report.missing_keys and any(not k.startswith(("decoder", "mask_token")) for k in report.missing_keys):
+        raise SystemExit(f"{path}: encoder weights missing: {report.missing_keys[:5]}")
+    return model, preset, args
+
+
+def cmd_probe(argv):
+    p = argparse.ArgumentParser("mae-fast probe", description="Linear probe on scikit-learn's digits.")
+    p.add_argument("checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    from .presets import build_model
+    from .probe import probe_accuracy
+
+    model, preset, args = model_from_checkpoint(a.checkpoint)
+    torch.manual_seed(a.seed)
+    random_model = build_model(preset, model.img_size[0], norm_pix_loss=model.norm_pix_loss)
+    acc, base = probe_accuracy(model, a.seed), probe_accuracy(random_model, a.seed)
+    print(f"linear probe on digits ({preset}, {model.img_size[0]}px):")
+    print(f"  pretrained encoder  {acc:.1%}")
+    print(f"  random-init encoder {base:.1%}")
+    return {"pretrained": acc, "random": base}
+
+
+def cmd_visualize(argv):
+    p = argparse.ArgumentParser("mae-fast visualize", description="Reconstruction pictures for your images.")
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", default="reconstructions.png")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    import torch.nn.functional as F
+
+    from . import data as mdata
+    from .visualize import reconstruction_grid
+
+    model, _, _ = model_from_checkpoint(a.checkpoint)
+    size = model.img_size[0]
+    batch = []
+    for path in a.images:
+        if not os.path.isfile(path):
+            raise SystemExit(f"image not found: {path}")
+        img = mdata.load_image(path)
+        side = min(img.shape[1:])  # centre square crop, then resize
+        top, left = (img.shape[1] - side) // 2, (img.shape[2] - side) // 2
+        img = img[:, top:top + side, left:left + side].unsqueeze(0)
+        batch.append(mdata.normalize(F.interpolate(img, size=(size, size), mode="bicubic", antialias=True)[0]))
+    out = reconstruction_grid(model, torch.stack(batch), a.out, a.mask_ratio, a.seed)
+    print(f"reconstructions: {out}")
+    return out
+
+
+def cmd_export(argv):
+    p = argparse.ArgumentParser("mae-fast export", description="Export the encoder for timm or transformers.")
+    p.add_argument("checkpoint")
+    p.add_argument("--to", required=True, choices=["timm", "hf"])
+    p.add_argument("--out", default=None, help="default: encoder-<to>.pth beside the checkpoint")
+    a = p.parse_args(argv)
+    from .checkpoint import save_checkpoint
+    from .export import encoder_state_dict
+
+    model, _, _ = model_from_checkpoint(a.checkpoint)
+    sd = encoder_state_dict(model, a.to)
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.checkpoint)), f"encoder-{a.to}.pth")
+    save_checkpoint(out, sd)
+    print(f"{a.to} encoder state dict ({len(sd)} tensors): {out}")
+    return out
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "pretrain":
+        from .pretrain import main as pretrain_main
+
+        pretrain_main(rest)
+    elif command == "probe":
+        cmd_probe(rest)
+    elif command == "visualize":
+        cmd_visualize(rest)
+    elif command == "export":
+        cmd_export(rest)
+    else:
+        print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
