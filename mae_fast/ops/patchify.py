@@ -153,9 +153,9 @@ def unpatchify_into(x: Tensor, ph: int, pw: int, out: Tensor) -> Tensor:
 
 
 def norm_pix_torch(x: Tensor, eps: float = NORM_PIX_EPS) -> Tensor:
-    mean = x.mean(dim=-1, keepdim=True)
-    var = x.var(dim=-1, keepdim=True)
-    return (x - mean) / (var + eps).sqrt()
+    """(x - mean) / sqrt(var + eps), unbiased var over the last dim (two-pass, as the kernels)."""
+    d = x - x.mean(dim=-1, keepdim=True)
+    return d * ((d * d).sum(dim=-1, keepdim=True) / (x.shape[-1] - 1) + eps).rsqrt()
 
 
 def norm_pix_backward_torch(g: Tensor, x: Tensor, eps: float = NORM_PIX_EPS) -> Tensor:

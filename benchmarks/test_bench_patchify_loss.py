@@ -1,0 +1,162 @@
+"""Benchmarks (measurements, not tests): the fused patchify_gather and masked MSE loss against
+the eager reference and torch.compile(reference), forward and forward+backward.
+
+CUDA: ViT-B/16 shapes (224x224, batch 256, mask ratio 0.75: K = 49 kept, M = 147 removed, P = 768),
+fp32 and bf16, data already on the device; each pytest-benchmark round synchronises, and the
+median of triton.testing.do_bench (no per-call sync) is recorded too and used for the bandwidth.
+CPU: small shapes, the PyTorch fallback (TRITON_INTERPRET is switched off here), fp32, 1 thread.
+
+benchmark.extra_info holds the counted bytes (the minimum traffic of the op: the rows it must
+read and write, mask/ids included, nothing for the targets it computes on the fly), the achieved
+GB/s, and the speedup over the eager reference measured in the same run. A summary table is
+printed at the end of the module.
+
+    pytest benchmarks/test_bench_patchify_loss.py --benchmark-group-by=group
+"""
+import os
+
+import pytest
+import torch
+
+import mae_fast
+from mae_fast import reference as R
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# B, C, H, W, patch, mask ratio
+SHAPE = (256, 3, 224, 224, 16, 0.75) if CUDA else (8, 3, 64, 96, 16, 0.75)
+DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
+IMPLS = ["mae_fast", "eager", "compiled"]
+OPS = ["patchify_gather", "loss_mask", "loss_ids"]
+MODES = ["fwd", "fwd_bwd"]
+# torch.compile on a 2-core CPU costs ~10 s per graph: only the loss forward+backward gets a compiled
+# baseline there unless MAE_FAST_BENCH_COMPILE_ALL=1.
+CPU_COMPILE_ALL = os.environ.get("MAE_FAST_BENCH_COMPILE_ALL") == "1"
+
+_RESULTS = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_interpreter_and_summary(request):
+    old, threads = os.environ.get("TRITON_INTERPRET"), torch.get_num_threads()
+    if not CUDA:
+        os.environ["TRITON_INTERPRET"] = "0"  # CPU: the vectorised fallback, not the (slow) interpreter
+        torch.set_num_threads(1)  # on a shared 2-core box, OpenMP spinning makes multi-thread medians noise
+    yield
+    torch.set_num_threads(threads)
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+    if not _RESULTS:
+        return
+    lines = ["", f"patchify/loss benchmarks on {_device_name()}, torch {torch.__version__}, shape {SHAPE}",
+             f"{'case':34s} {'impl':9s} {'median us':>10s} {'GB/s':>8s} {'vs eager':>9s}"]
+    for (case, impl), (sec, nbytes) in sorted(_RESULTS.items()):
+        eager = _RESULTS.get((case, "eager"), (None,))[0]
+        speed = f"{eager / sec:8.2f}x" if eager else ""
+        lines.append(f"{case:34s} {impl:9s} {sec * 1e6:10.1f} {nbytes / sec / 1e9:8.1f} {speed:>9s}")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        with capture.global_and_fixture_disabled():
+            print("\n".join(lines))
+    else:
+        print("\n".join(lines))
+
+
+def _device_name():
+    return torch.cuda.get_device_name() if CUDA else "CPU"
+
+
+def _inputs(op, dtype):
+    B, C, H, W, p, ratio = SHAPE
+    L, P = (H // p) * (W // p), p * p * C
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    imgs = torch.randn(B, C, H, W, device=DEVICE, dtype=torch.float32, generator=g).to(dtype)
+    ids_keep, mask, _ = R.random_masking(B, L, ratio, device=DEVICE)
+    removed = torch.rand(B, L, device=DEVICE).argsort(dim=-1)[:, :int(ratio * L)]
+    es = imgs.element_size()
+    if op == "patchify_gather":
+        K = ids_keep.shape[1]
+        return dict(imgs=imgs, ids=ids_keep, P=P, p=p, rows=K,
+                    fwd_bytes=B * K * P * 2 * es + ids_keep.numel() * 8,
+                    # grad rows + image patches (norm-pix recompute) read, whole image gradient written
+                    bwd_bytes=B * K * P * 2 * es + imgs.numel() * es + ids_keep.numel() * 8)
+    if op == "loss_mask":
+        pred = torch.randn(B, L, P, device=DEVICE, generator=g).to(dtype)
+        removed_rows = int(ratio * L)
+        return dict(imgs=imgs, pred=pred, mask=mask, P=P, p=p,
+                    fwd_bytes=B * removed_rows * P * 2 * es + mask.numel() * 4,
+                    bwd_bytes=B * removed_rows * P * 2 * es + mask.numel() * 4 + pred.numel() * es)
+    M = removed.shape[1]
+    pred = torch.randn(B, M, P, device=DEVICE, generator=g).to(dtype)
+    return dict(imgs=imgs, pred=pred, ids=removed, P=P, p=p,
+                fwd_bytes=B * M * P * 2 * es + removed.numel() * 8,
+                bwd_bytes=B * M * P * 3 * es + removed.numel() * 8)
+
+
+def _fn(op, impl, mode, x):
+    """A no-argument callable running one forward (+ backward) of the case."""
+    p = x["p"]
+    if op == "patchify_gather":
+        def f_mae(imgs):
+            return mae_fast.ops.patchify_gather(imgs, x["ids"], p, norm_pix=True)
+
+        def f_ref(imgs):
+            return R.patchify_gather(imgs, x["ids"], p, norm_pix_target=True)
+        arg = x["imgs"]
+    else:
+        kw = {"mask": x["mask"]} if op == "loss_mask" else {"ids": x["ids"]}
+        norm = op == "loss_mask"  # the official loss with norm_pix_loss; the seed loss without
+
+        def f_mae(pred):
+            return mae_fast.ops.masked_mse_loss(pred, x["imgs"], p, norm_pix=norm, **kw)
+
+        def f_ref(pred):
+            return R.masked_mse_loss(pred, x["imgs"], p, norm_pix_target=norm, **kw)
+        arg = x["pred"]
+    f = {"mae_fast": f_mae, "eager": f_ref, "compiled": None}[impl]
+    if impl == "compiled":
+        f = torch.compile(f_ref, fullgraph=True, dynamic=False)
+    if mode == "fwd":
+        return lambda: f(arg)
+    arg = arg.detach().requires_grad_()
+    out0 = f(arg)
+    grad_out = torch.randn_like(out0)
+    return lambda: torch.autograd.grad(f(arg), arg, grad_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", OPS)
+def test_bench(benchmark, op, impl, mode, dtype):
+    if not CUDA and impl == "compiled" and not CPU_COMPILE_ALL and not (op == "loss_mask" and mode == "fwd_bwd"):
+        pytest.skip("compiled baseline on CPU only for loss_mask fwd_bwd (MAE_FAST_BENCH_COMPILE_ALL=1 for all)")
+    x = _inputs(op, dtype)
+    fn = _fn(op, impl, mode, x)
+    nbytes = x["fwd_bytes"] + (x["bwd_bytes"] if mode == "fwd_bwd" else 0)
+    case = f"{op}-{mode}-{str(dtype).split('.')[-1]}"
+    benchmark.group = case
+    for _ in range(3):  # warm-up: compilation, autotuning, allocator
+        fn()
+    if CUDA:
+        import triton.testing
+
+        torch.cuda.synchronize()
+        sec = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
+
+        def run():
+            fn()
+            torch.cuda.synchronize()
+        benchmark.pedantic(run, rounds=50, iterations=1, warmup_rounds=2)
+    else:
+        benchmark.pedantic(fn, rounds=10, iterations=1, warmup_rounds=1)
+        sec = benchmark.stats.stats.median
+    _RESULTS[(case, impl)] = (sec, nbytes)
+    benchmark.extra_info.update(
+        device=_device_name(), shape=list(SHAPE), bytes=nbytes, median_s=sec, gbps=nbytes / sec / 1e9,
+        timer="triton.testing.do_bench median" if CUDA else "pytest-benchmark median")
+    eager = _RESULTS.get((case, "eager"))
+    if eager is not None and impl != "eager":
+        benchmark.extra_info["speedup_vs_eager"] = eager[0] / sec
