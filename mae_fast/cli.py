@@ -21,10 +21,17 @@ OFFICIAL_NAMES = {"mae_vit_base_patch16": "base", "mae_vit_large_patch16": "larg
 
 
 def model_from_checkpoint(path: str):
-    """Rebuilds the model a training checkpoint was made with and loads its weights."""
+    """Rebuilds the model a training checkpoint was made with and loads its weights. A run
+    directory means its newest checkpoint."""
     from .checkpoint import load_checkpoint, read_checkpoint
     from .presets import build_model
+    from .pretrain import checkpoints_in
 
+    if os.path.isdir(path):
+        found = checkpoints_in(path)
+        if not found:
+            raise SystemExit(f"no checkpoint-*.pth in {path}")
+        path = found[-1]
     ckpt = read_checkpoint(path)
     args = ckpt.get("args") or {}
     args = args if isinstance(args, dict) else vars(args)

@@ -287,7 +287,8 @@ def load_resume(path, model, optimizer, scaler) -> dict:
 
 
 def model_name(ckpt) -> str:
-    return ckpt.get("args", {}).get("model", "?")
+    args = ckpt.get("args") or {}
+    return (args if isinstance(args, dict) else vars(args)).get("model", "?")
 
 
 class Run:

@@ -1,0 +1,202 @@
+"""The pretraining CLI: a real small run, exact resume, Ctrl-C, DDP, probe, export, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mae_fast import cli, pretrain
+from mae_fast.checkpoint import read_checkpoint
+
+SMALL = ["--model", "tiny", "--img-size", "16", "--batch-size", "8", "--samples-per-epoch", "32", "--quiet",
+         "--vis-every", "100"]
+
+
+def run(tmp_path, *extra, name="run"):
+    out = str(tmp_path / name)
+    return pretrain.main([*SMALL, "--output-dir", out, *extra]), out
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def test_small_run_writes_checkpoint_metrics_and_pictures(tmp_path):
+    summary, out = run(tmp_path, "--epochs", "2")
+    assert len(losses(out)) == 8 and all(torch.isfinite(torch.tensor(losses(out))))
+    ckpt = read_checkpoint(summary["checkpoint"])
+    assert {"model", "optimizer", "epoch", "scaler", "args"} <= set(ckpt)
+    assert ckpt["epoch"] == 1 and ckpt["args"]["model"] == "tiny"
+    for picture in ("reconstruction.png", "loss.png"):
+        with open(os.path.join(out, picture), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert summary["reconstruction"] == os.path.join(out, "reconstruction.png")
+
+
+def test_resume_continues_exactly(tmp_path):
+    _, straight = run(tmp_path, "--epochs", "2", name="straight")
+    _, split = run(tmp_path, "--epochs", "2", "--max-steps", "3", name="split")  # stops mid-epoch
+    assert len(losses(split)) == 3
+    summary, _ = run(tmp_path, "--epochs", "2", "--resume", "auto", name="split")
+    assert losses(split) == losses(straight)
+    a = read_checkpoint(summary["checkpoint"])["model"]
+    b = read_checkpoint(os.path.join(straight, "checkpoint-8.pth"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    _, out = run(tmp_path, "--epochs", "3", "--keep-last", "2")
+    assert sorted(os.listdir(out)) == ["checkpoint-12.pth", "checkpoint-8.pth", "loss.png", "metrics.jsonl",
+                                       "reconstruction.png"]
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "mae_fast.pretrain", *SMALL, "--epochs", "50", "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "interrupted (SIGINT): checkpoint saved" in stdout
+    (ckpt,) = pretrain.checkpoints_in(str(out))
+    done = read_checkpoint(ckpt)["next"]
+    assert done["epoch"] * 4 + done["batch"] == len(losses(out))
+
+
+def test_two_process_gloo_run_matches_one_process_with_the_same_global_batch(tmp_path):
+    common = ["--model", "tiny", "--img-size", "16", "--samples-per-epoch", "32", "--epochs", "1", "--quiet",
+              "--vis-every", "100"]
+    single = tmp_path / "single"
+    pretrain.main([*common, "--batch-size", "8", "--output-dir", str(single)])
+    ddp = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29533", "-m", "mae_fast.pretrain", *common, "--batch-size", "4", "--output-dir", str(ddp)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(losses(ddp)), torch.tensor(losses(single)), rtol=1e-4, atol=1e-6)
+    assert len(losses(ddp)) == 4
+    assert len(os.listdir(ddp)) == len(os.listdir(single))  # rank 0 alone writes
+
+
+@pytest.mark.slow
+def test_pretrained_encoder_beats_random_init_on_the_probe(tmp_path, capsys):
+    summary = pretrain.main(["--model", "tiny", "--epochs", "4", "--samples-per-epoch", "1024", "--quiet",
+                             "--vis-every", "100", "--output-dir", str(tmp_path / "probe")])
+    result = cli.cmd_probe([str(tmp_path / "probe")])
+    assert result["pretrained"] > result["random"] + 0.02, result
+    assert "pretrained encoder" in capsys.readouterr().out and summary["checkpoint"]
+
+
+def test_export_loads_into_timm_and_transformers(tmp_path):
+    summary, out = run(tmp_path, "--epochs", "1")
+    timm = pytest.importorskip("timm")
+    path = cli.cmd_export([out, "--to", "timm", "--out", str(tmp_path / "timm.pth")])
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=96, depth=4, num_heads=3, num_classes=0)
+    vit.load_state_dict(read_checkpoint(path), strict=True)
+    model, _, _ = cli.model_from_checkpoint(out)
+    imgs = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(vit.forward_features(imgs), model.forward_features(imgs), rtol=1e-4, atol=1e-4)
+
+    transformers = pytest.importorskip("transformers")
+    path = cli.cmd_export([out, "--to", "hf", "--out", str(tmp_path / "hf.pth")])
+    config = model.to_hf().config
+    hf = transformers.ViTMAEModel(config)
+    result = hf.load_state_dict(read_checkpoint(path), strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_visualize_user_images(tmp_path):
+    from PIL import Image
+
+    _, out = run(tmp_path, "--epochs", "1")
+    paths = []
+    for i, size in enumerate([(40, 30), (20, 50)]):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray((torch.rand(size[1], size[0], 3) * 255).byte().numpy()).save(path)
+        paths.append(str(path))
+    picture = cli.cmd_visualize([out, *paths, "--out", str(tmp_path / "viz.png")])
+    assert open(picture, "rb").read(4) == b"\x89PNG"
+    with pytest.raises(SystemExit, match="image not found"):
+        cli.cmd_visualize([out, str(tmp_path / "missing.png")])
+
+
+def test_image_folder_data_skips_unreadable_and_small_images(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "data" / "class_a"
+    root.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray((torch.rand(24, 24, 3) * 255).byte().numpy()).save(root / f"ok{i}.png")
+    Image.fromarray((torch.rand(8, 8, 3) * 255).byte().numpy()).save(root / "small.png")
+    (root / "broken.jpg").write_bytes(b"not an image")
+    with pytest.warns(UserWarning) as record:
+        summary, _ = run(tmp_path, "--data", str(tmp_path / "data"), "--epochs", "1")
+    messages = " ".join(str(w.message) for w in record)
+    assert "skipped 1 unreadable image file(s)" in messages and "skipped 1 image(s) smaller than the 16px" in messages
+    assert summary["final_loss"] is not None
+
+
+@pytest.mark.parametrize("setup,match", [
+    (lambda p: None, "is not a directory"),
+    (lambda p: os.makedirs(p), "no image files"),
+])
+def test_bad_data_directory(tmp_path, setup, match):
+    data = tmp_path / "data"
+    setup(data)
+    with pytest.raises((FileNotFoundError, ValueError), match=match):
+        run(tmp_path, "--data", str(data), "--epochs", "1")
+
+
+def test_resume_with_a_checkpoint_of_another_model_is_refused(tmp_path):
+    summary, _ = run(tmp_path, "--epochs", "1")
+    with pytest.raises(SystemExit, match="does not fit"):
+        pretrain.main(["--model", "tiny", "--img-size", "32", "--batch-size", "8", "--samples-per-epoch", "32",
+                       "--quiet", "--output-dir", str(tmp_path / "other"), "--resume", summary["checkpoint"]])
+
+
+def test_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit, match="is not writable"):
+        run(tmp_path, "--epochs", "1", name="file/sub")
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    summary, out = run(tmp_path, "--epochs", "1")
+    good = open(summary["checkpoint"], "rb").read()
+    from mae_fast.models_mae import MaskedAutoencoderViT
+
+    original = MaskedAutoencoderViT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        loss, pred, mask = original(self, *args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), pred, mask
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 6"):
+        run(tmp_path, "--epochs", "3", "--resume", "auto")
+    assert open(summary["checkpoint"], "rb").read() == good
+
+
+def test_cli_usage_and_bad_arguments(capsys):
+    assert cli.main([]) == 0 and "pretrain" in capsys.readouterr().out
+    assert cli.main(["nope"]) == 2
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--mask-ratio", "1.5"])
+    assert "--mask-ratio must be in (0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--model", "gigantic"])
