@@ -228,7 +228,8 @@ def test_opcheck_low_level_ops():
             torch.library.opcheck(torch.ops.mae_fast.tokens_unshuffle_bwd.default, (g, inv, P, K, need_mask, need_pos))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_fullgraph(dynamic):
     B, L, P, K, D = 2, 9, 1, 4, 8
     ids = make_ids(B, L, K)
     x = torch.randn(B, L, D, requires_grad=True)
@@ -241,7 +242,7 @@ def test_torch_compile_fullgraph():
         return ops.unshuffle_tokens(vis, ids, L, m, pos, num_prefix=P).square().sum()
 
     torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True)
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
     want = f(x, m, pos)
     got = compiled(x, m, pos)
     torch.testing.assert_close(got, want)
