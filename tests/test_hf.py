@@ -12,6 +12,7 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel  # noqa
 
 from mae_fast import hf as H  # noqa: E402
 from mae_fast.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+import mae_fast  # noqa: E402
 from mae_fast.reference import MaskedAutoencoderViT  # noqa: E402
 
 MODEL_CLS = MaskedAutoencoderViT  # the fast model has the same interface
@@ -41,11 +42,12 @@ def tiny_hf(seed=0, attn="eager", **kw):
     (1e-6, False, 0.5, "sdpa", 1),
     (1e-12, True, 0.9, "eager", 4),
 ])
-def test_from_hf_matches_transformers(eps, norm_pix, mask_ratio, attn, channels):
+@pytest.mark.parametrize("model_cls", [MaskedAutoencoderViT, mae_fast.MaskedAutoencoderViT], ids=["reference", "fast"])
+def test_from_hf_matches_transformers(eps, norm_pix, mask_ratio, attn, channels, model_cls):
     hf = tiny_hf(layer_norm_eps=eps, norm_pix_loss=norm_pix, mask_ratio=mask_ratio, attn=attn,
                  num_channels=channels)
     assert hf.decoder.decoder_layers[0].attention.config._attn_implementation == attn
-    model = H.from_hf(MODEL_CLS, hf).eval()
+    model = H.from_hf(model_cls, hf).eval()
     assert model.default_mask_ratio == mask_ratio and model.norm_pix_loss is norm_pix
     eps_seen = {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}
     assert eps_seen == {eps}
@@ -58,6 +60,26 @@ def test_from_hf_matches_transformers(eps, norm_pix, mask_ratio, attn, channels)
     torch.testing.assert_close(mask, out.mask, rtol=0, atol=0)
     torch.testing.assert_close(pred, out.logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_model_classmethods_match_transformers_forward_and_backward():
+    hf = tiny_hf(layer_norm_eps=1e-6, norm_pix_loss=True, mask_ratio=0.75, attn="sdpa")
+    model = mae_fast.MaskedAutoencoderViT.from_hf(hf)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    out = hf(pixel_values=imgs, noise=noise)
+    loss, pred, mask = model(imgs, noise=noise)  # mask_ratio from the HF config
+    assert torch.equal(mask, out.mask)
+    torch.testing.assert_close(pred, out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    loss.backward()
+    hf_grads = H.official_state_dict_from_hf({k: p.grad for k, p in hf.named_parameters() if p.grad is not None})
+    for name, p in model.named_parameters():
+        if name in hf_grads:
+            torch.testing.assert_close(p.grad, hf_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert len(hf_grads) > 20
+    back = model.to_hf()
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in hf.state_dict().items())
 
 
 def test_eps_is_carried_not_defaulted():
