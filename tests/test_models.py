@@ -97,6 +97,19 @@ def test_official_methods_are_consistent_with_forward():
     assert x_masked.shape == (2, 6, 5) and torch.equal(m, mask)
 
 
+def test_encoder_only_checkpoint_loads_into_the_fast_model(tmp_path):
+    trained, _ = official_pair()
+    encoder_only = {k: v for k, v in trained.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+    path = tmp_path / "mae_pretrain_tiny.pth"
+    torch.save({"model": encoder_only}, path)
+    fresh = mae_fast.MaskedAutoencoderViT(**OFFICIAL)
+    with pytest.warns(UserWarning, match="missing"):
+        report = mae_fast.load_checkpoint(fresh, path)
+    assert set(report.missing_keys) == set(trained.state_dict()) - set(encoder_only)
+    imgs = torch.randn(2, 3, 16, 24)
+    torch.testing.assert_close(fresh.forward_features(imgs), trained.forward_features(imgs), rtol=0, atol=0)
+
+
 def test_official_factories():
     model = mae_fast.mae_vit_base_patch16(img_size=32, depth=1, decoder_depth=1)
     assert model.pos_embed.shape == (1, 5, 768) and model.decoder_pred.out_features == 768
