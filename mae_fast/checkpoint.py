@@ -124,14 +124,18 @@ def _torch_load(path: str):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
-        if "weights_only" in msg.lower() or "weights only" in msg.lower():
-            lines = [ln.strip() for ln in msg.splitlines() if "global" in ln.lower() and ln.strip()]
-            first = lines[0] if lines else msg.strip().splitlines()[-1] if msg.strip() else msg
+        lines = [ln.strip() for ln in msg.splitlines() if "global" in ln.lower() and ln.strip()]
+        if lines:  # a pickle that names a global (a class or function) outside the allow-list
             raise CheckpointError(
                 f"refusing to load {path!r}: it holds objects that torch.load(weights_only=True) does not "
                 f"allow (unpickling it could run arbitrary code). Only tensors, containers, numbers, strings "
-                f"and argparse.Namespace are accepted. Detail: {first}") from e
-        raise CheckpointError(f"cannot read checkpoint {path!r} (corrupt or truncated?): {e}") from e
+                f"and argparse.Namespace are accepted. Detail: {lines[0]}") from e
+        # anything else (e.g. "Unsupported operand 103") is bytes that are no pickle we can read
+        detail = [ln.strip() for ln in msg.splitlines() if ln.strip().lower().startswith("unsupported")]
+        raise CheckpointError(f"cannot read checkpoint {path!r} (corrupt, truncated or not a PyTorch "
+                              f"checkpoint; nothing in it was run): "
+                              f"{detail[0] if detail else msg.strip().splitlines()[-1] if msg.strip() else 'UnpicklingError'}"
+                              ) from e
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, AttributeError, TypeError,
             IndexError, KeyError, UnicodeDecodeError) as e:
         if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
@@ -177,6 +181,8 @@ def read_checkpoint(path) -> dict:
         raise IsADirectoryError(
             f"{path!r} is a directory; pass a checkpoint file (for a Hugging Face save_pretrained folder "
             f"use MaskedAutoencoderViT.from_hf / mae_fast.hf.from_hf)")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"cannot read checkpoint {path!r}: the file is empty (0 bytes; an interrupted copy?)")
     obj = _load_safetensors(path) if _is_safetensors_file(path) else _torch_load(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path!r}: expected a dict checkpoint, got {type(obj).__name__}")
