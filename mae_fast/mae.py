@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .masking import check_noise
+from .masking import check_noise, check_ratio
 from .vit import Transformer, transformer_forward
 
 
@@ -18,8 +18,14 @@ class MAE(nn.Module):
     def __init__(self, *, encoder, decoder_dim, masking_ratio=0.75, decoder_depth=1, decoder_heads=8,
                  decoder_dim_head=64, norm_pix_loss=False):
         super().__init__()
-        if not 0 < masking_ratio < 1:
-            raise ValueError(f"masking_ratio must be in (0, 1), got {masking_ratio}")
+        check_ratio(masking_ratio, "masking_ratio")
+        missing = [a for a in ("patch_size", "to_patch_embedding", "pos_embedding", "transformer", "pool")
+                   if not hasattr(encoder, a)]
+        if not isinstance(encoder, nn.Module) or missing:
+            raise TypeError(f"encoder must be a mae_fast.ViT or a vit_pytorch.ViT, got {type(encoder).__name__}"
+                            + (f" (no {', '.join(missing)})" if isinstance(encoder, nn.Module) else ""))
+        if not isinstance(decoder_dim, int) or isinstance(decoder_dim, bool) or decoder_dim < 1:
+            raise ValueError(f"decoder_dim must be an int >= 1, got {decoder_dim!r}")
         self.masking_ratio, self.norm_pix_loss = masking_ratio, norm_pix_loss
         self.encoder = encoder
         self.patch_size = tuple(encoder.patch_size)

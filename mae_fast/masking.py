@@ -21,11 +21,19 @@ def check_noise(noise, batch: int, num_patches: int) -> None:
         raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
 
 
+def check_ratio(ratio, name: str) -> None:
+    """A masking ratio: a real number in (0, 1) (a 0-d tensor is accepted); errors name the argument."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float, torch.Tensor)) \
+            or (isinstance(ratio, torch.Tensor) and (ratio.numel() != 1 or ratio.is_complex())):
+        raise TypeError(f"{name} must be a float in (0, 1), got {ratio!r}")
+    if not 0 < float(ratio) < 1:
+        raise ValueError(f"{name} must be in (0, 1), got {ratio}")
+
+
 def len_keep_for(num_patches: int, mask_ratio: float) -> int:
     """int(L * (1 - mask_ratio)) as the official code, refusing ratios that leave no visible or
     no removed patch."""
-    if not 0 < mask_ratio < 1:
-        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    check_ratio(mask_ratio, "mask_ratio")
     len_keep = int(num_patches * (1 - mask_ratio))
     if not 0 < len_keep < num_patches:
         raise ValueError(f"mask_ratio {mask_ratio} keeps {len_keep} of {num_patches} patches; "

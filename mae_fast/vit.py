@@ -9,6 +9,15 @@ from .layers import attend
 from .reference import pair
 
 
+def _int_pair(value, name: str) -> tuple[int, int]:
+    vals = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(vals) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(vals) < 1:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return vals
+
+
 class Patchify(nn.Module):
     """(B, C, H, W) -> (B, L, ph*pw*C) in (p1 p2 c) order; vit-pytorch's Rearrange, parameter-free."""
 
@@ -81,9 +90,11 @@ class ViT(nn.Module):
     def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, pool="cls",
                  channels=3, dim_head=64, dropout=0.0, emb_dropout=0.0):
         super().__init__()
-        (H, W), (ph, pw) = pair(image_size), pair(patch_size)
+        (H, W), (ph, pw) = _int_pair(image_size, "image_size"), _int_pair(patch_size, "patch_size")
         if H % ph or W % pw:
             raise ValueError(f"image_size {(H, W)} must be divisible by patch_size {(ph, pw)}")
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+            raise ValueError(f"channels must be an int >= 1, got {channels!r}")
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
         self.image_size, self.patch_size, self.channels = (H, W), (ph, pw), channels
@@ -99,7 +110,15 @@ class ViT(nn.Module):
         self.to_latent = nn.Identity()
         self.mlp_head = nn.Linear(dim, num_classes) if num_classes > 0 else None
 
+    def check_input(self, img) -> None:
+        (H, W), C = self.image_size, self.channels
+        if not isinstance(img, torch.Tensor) or img.dim() != 4 or tuple(img.shape[1:]) != (C, H, W):
+            got = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+            raise ValueError(f"img must be (batch, {C}, {H}, {W}) for this ViT (image_size={self.image_size}, "
+                             f"channels={C}); got {got}")
+
     def forward(self, img):
+        self.check_input(img)
         x = self.to_patch_embedding(img)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = self.dropout(x + self.pos_embedding[: x.shape[1]])
