@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -62,6 +63,17 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.mask_ratio < 1:
         p.error(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+    # 0 must not mean "the default" (they are read with `or`); a silently ignored limit is a bug
+    for name in ("samples_per_epoch", "max_steps", "img_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("warmup_epochs", "blr", "lr", "min_lr", "weight_decay", "num_workers"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            p.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    patch = PRESETS[args.model][1]["patch_size"]
+    if args.img_size is not None and args.img_size % patch:
+        p.error(f"--img-size must be a multiple of the patch size {patch} of --model {args.model}, got {args.img_size}")
     return args
 
 
@@ -123,7 +135,17 @@ def setup_distributed():
 def pick_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise SystemExit(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    return device
 
 
 def check_output_dir(path: str) -> None:
@@ -137,10 +159,15 @@ def check_output_dir(path: str) -> None:
         raise SystemExit(f"--output-dir {path!r} is not writable: {e}") from e
 
 
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pth")
+
+
 def checkpoints_in(run_dir: str) -> list[str]:
-    names = [f for f in os.listdir(run_dir) if f.startswith("checkpoint-") and f.endswith(".pth")] \
-        if os.path.isdir(run_dir) else []
-    return sorted((os.path.join(run_dir, f) for f in names), key=lambda f: int(f.rsplit("-", 1)[1][:-4]))
+    """The run's checkpoint-<step>.pth files, oldest first. Other files (a user's checkpoint-best.pth,
+    the hidden temp files of an interrupted save) are never picked."""
+    names = [f for f in os.listdir(run_dir) if CHECKPOINT_NAME.fullmatch(f)] if os.path.isdir(run_dir) else []
+    return sorted((os.path.join(run_dir, f) for f in names), key=lambda f: int(CHECKPOINT_NAME.fullmatch(
+        os.path.basename(f)).group(1)))
 
 
 def build_dataset(args, model, world):
@@ -205,6 +232,8 @@ def train(args) -> dict:
 
         bar = tqdm(total=total, initial=start_epoch * steps_per_epoch + start_batch, unit="step", dynamic_ncols=True)
     step = start_epoch * steps_per_epoch + start_batch
+    if resume:
+        run.drop_metrics_after(step)
     try:
         for epoch in range(start_epoch, args.epochs):
             dataset.crops.set_epoch(epoch)
@@ -222,23 +251,27 @@ def train(args) -> dict:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss, _, _ = net(imgs, args.mask_ratio, noise, return_pred=False)
                 loss_value = reduce_mean(loss.detach(), world)
-                if not math.isfinite(loss_value):
-                    if precision == "fp16":  # the scaler skips this step
-                        optimizer.zero_grad(set_to_none=True)
-                        continue
+                if not math.isfinite(loss_value) and precision != "fp16":
                     raise FloatingPointError(
                         f"loss is {loss_value} at step {step} (epoch {epoch}, batch {b}); stopping. "
                         f"The last good checkpoint in {args.output_dir} is kept.")
+                # fp16: a non-finite loss makes non-finite gradients, so the GradScaler skips this
+                # optimizer step (the whole accumulation window) and lowers its scale, as it does
+                # for an overflow in the backward. The step still counts: positions, the lr schedule
+                # and checkpoint names stay those of the data, so a resume stays exact.
                 scaler.scale(loss / args.accum_iter).backward()
+                skipped = False
                 if (b + 1) % args.accum_iter == 0:
+                    scale = scaler.get_scale() if scaler.is_enabled() else None
                     scaler.step(optimizer)
                     scaler.update()
+                    skipped = scale is not None and scaler.get_scale() < scale
                     optimizer.zero_grad(set_to_none=True)
                 step += 1
                 elapsed = time.perf_counter() - tic
                 images_per_s = (b + 1 - first) * args.batch_size * world / max(elapsed, 1e-9)
                 run.log(step=step, epoch=epoch, loss=loss_value, lr=optimizer.param_groups[0]["lr"],
-                        images_per_s=images_per_s)
+                        images_per_s=images_per_s, **({"skipped": True} if skipped else {}))
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
@@ -271,9 +304,12 @@ def reduce_mean(value: torch.Tensor, world: int) -> float:
 
 
 def load_resume(path, model, optimizer, scaler) -> dict:
-    from .checkpoint import load_checkpoint, read_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 
-    ckpt = read_checkpoint(path)
+    try:
+        ckpt = read_checkpoint(path)
+    except (OSError, CheckpointError) as e:
+        raise SystemExit(f"--resume: {e}") from e
     if "next" not in ckpt or "optimizer" not in ckpt:
         raise SystemExit(f"--resume: {path} is not a mae-fast training checkpoint (no optimizer/position)")
     try:
@@ -311,12 +347,35 @@ class Run:
     def log(self, **row):
         if not self.main:
             return
-        self.history.append([row["step"], row["loss"]])
+        if math.isfinite(row["loss"]):  # fp16 steps the scaler skipped are in metrics.jsonl only
+            self.history.append([row["step"], row["loss"]])
         with open(self.metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for key in ("loss", "lr", "images_per_s"):
                 self.tb.add_scalar(f"train/{key}", row[key], row["step"])
+
+    def drop_metrics_after(self, step):
+        """A run killed after its last checkpoint logged steps that the resumed run logs again (and a
+        kill mid-write can leave a cut line): keep the rows up to the checkpoint's step only, so
+        metrics.jsonl holds every step once."""
+        if not self.main or not os.path.exists(self.metrics):
+            return
+        with open(self.metrics) as f:
+            lines = f.readlines()
+        keep = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        if len(keep) != len(lines):
+            tmp = self.metrics + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.metrics)
 
     def checkpoint(self, epoch, nxt, step):
         if not self.main:
