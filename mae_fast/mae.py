@@ -48,6 +48,8 @@ class MAE(nn.Module):
         if not isinstance(img, torch.Tensor) or img.dim() != 4:
             raise ValueError(f"img must be a (batch, {C}, height, width) tensor, got "
                              f"{tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__}")
+        if not img.is_floating_point():
+            raise TypeError(f"img must be a floating-point tensor, got {img.dtype}")
         _, c, H, W = img.shape
         expected = getattr(self.encoder, "image_size", None)
         if c != C or H % ph or W % pw or (H // ph) * (W // pw) != L or (expected and (H, W) != tuple(expected)):

@@ -116,6 +116,8 @@ class ViT(nn.Module):
             got = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
             raise ValueError(f"img must be (batch, {C}, {H}, {W}) for this ViT (image_size={self.image_size}, "
                              f"channels={C}); got {got}")
+        if not img.is_floating_point():
+            raise TypeError(f"img must be a floating-point tensor, got {img.dtype}")
 
     def forward(self, img):
         self.check_input(img)
