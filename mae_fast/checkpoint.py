@@ -308,6 +308,8 @@ def load_checkpoint(model: nn.Module, path_or_state, *, strict: bool = False,
     it should be when resuming a run. Returns a LoadReport."""
     if interpolate is None:
         interpolate = not strict
+    if not isinstance(path_or_state, (Mapping, str, os.PathLike)):
+        raise TypeError(f"path_or_state: expected a checkpoint path or a state dict, got {type(path_or_state).__name__}")
     source = None if isinstance(path_or_state, Mapping) else os.fspath(path_or_state)
     sd = read_state_dict(path_or_state)
     report = LoadReport(source=source)
