@@ -166,11 +166,12 @@ def masked_mse_loss_fwd(pred, imgs, mask, ids, ph, pw, norm_pix=False, out_dtype
     n = n_r * a["B"]
     part = empty(n, device=pred.device, dtype=torch.float32)
     wpart = empty(n, device=pred.device, dtype=torch.float32) if mask is not None else part
-    _masked_mse_loss_fwd_kernel[(n_r, a["B"])](
-        pred, imgs, a["w"], a["ids"], part, wpart, a["R"], a["L"], a["gw"], a["P"],
-        *pred.stride(), *imgs.stride(), *a["s_w"], *a["s_d"], NORM_PIX_EPS,
-        C=a["C"], PH=ph, PW=pw, HAS_MASK=mask is not None, NORM=bool(norm_pix),
-        BLOCK_R=a["block_r"], BLOCK_P=a["block_p"], num_warps=a["num_warps"])
+    if n:  # (an empty batch leaves no partials: the loss is 0 / 0 = nan, as in the reference)
+        _masked_mse_loss_fwd_kernel[(n_r, a["B"])](
+            pred, imgs, a["w"], a["ids"], part, wpart, a["R"], a["L"], a["gw"], a["P"],
+            *pred.stride(), *imgs.stride(), *a["s_w"], *a["s_d"], NORM_PIX_EPS,
+            C=a["C"], PH=ph, PW=pw, HAS_MASK=mask is not None, NORM=bool(norm_pix),
+            BLOCK_R=a["block_r"], BLOCK_P=a["block_p"], num_warps=a["num_warps"])
     loss = empty((), device=pred.device, dtype=out_dtype or pred.dtype)
     denom = empty((), device=pred.device, dtype=torch.float32)
     count = float(a["B"] * a["R"] * a["P"])

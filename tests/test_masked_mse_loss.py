@@ -136,6 +136,8 @@ def test_seed_ids_loss_matches_reference(shape, layout, ratio, norm_pix):
     B, L, P = dims(shape)
     imgs = make_imgs(*shape[:4], layout)
     ids = make_removed_ids(B, L, ratio, dtype=torch.int32 if ratio == 0.75 else torch.int64)
+    if layout == "strided":
+        ids = ids.t().contiguous().t()  # transposed (B, M) ids
     pred = make_pred(B, ids.shape[1], P, layout)
     (loss, gp, _), (ref, gp64, _) = run(pred, imgs, shape[4], {"ids": ids}, norm_pix)
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
