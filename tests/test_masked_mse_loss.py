@@ -339,6 +339,14 @@ BAD = [
     ("ids < 0", lambda: _loss(pred=torch.randn(2, 2, 48), ids=torch.tensor([[0, 1], [-1, 2]])), ValueError, r"\[0, L=6\)"),
     ("ids repeated, validate", lambda: _loss(pred=torch.randn(2, 2, 48), ids=torch.tensor([[0, 0], [1, 2]]), validate=True),
      ValueError, r"distinct"),
+    ("ids repeated, CPU", lambda: _loss(pred=torch.randn(2, 2, 48), ids=torch.tensor([[0, 0], [1, 2]])),
+     ValueError, r"ids must be distinct"),
+    ("NaN mask", lambda: _loss(mask=torch.full((2, 6), math.nan)), ValueError, r"mask must be finite"),
+    ("negative mask", lambda: _loss(mask=torch.tensor([[1.0, -1, 0, 0, 0, 0]] * 2)), ValueError, r"non-negative"),
+    ("empty batch", lambda: _loss(pred=torch.randn(0, 6, 48), imgs=torch.randn(0, 3, 8, 12), mask=torch.ones(0, 6)),
+     ValueError, r"empty batch \(B=0\)"),
+    ("norm_pix P=1", lambda: _loss(pred=torch.randn(2, 4, 1), imgs=torch.randn(2, 1, 2, 2), patch=1, mask=torch.ones(2, 4),
+                                   norm_pix=True), ValueError, r"norm_pix needs ph\*pw\*C >= 2"),
     ("patch_size", lambda: _loss(patch="4", mask=_MASK), TypeError, r"patch_size"),
 ]
 

@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .patchify import (check_ids, check_ids_values, check_imgs, compute_dtype, gather_rows, norm_pix_torch,
-                       patchify_torch, triton_kernels)
+from .patchify import (check_ids, check_ids_values, check_imgs, check_norm_pix, compute_dtype, gather_rows,
+                       norm_pix_torch, patchify_torch, triton_kernels)
 
 
 def _loss_dtype(pred: Tensor, imgs: Tensor, mask: Optional[Tensor]) -> torch.dtype:
@@ -29,6 +29,10 @@ def _loss_dtype(pred: Tensor, imgs: Tensor, mask: Optional[Tensor]) -> torch.dty
 def _check_mask_values(mask: Tensor, validate: bool) -> None:
     if mask.device.type != "cpu" and not validate:
         return
+    if not bool(torch.isfinite(mask).all()):
+        raise ValueError("mask must be finite (1 = removed, 0 = kept); got NaN or inf")
+    if bool((mask < 0).any()):
+        raise ValueError("mask must be non-negative (weights >= 0; 1 = removed, 0 = kept)")
     if not bool((mask != 0).any()):
         raise ValueError("mask must mark at least one removed patch (1 = removed); got an all-zero mask, "
                          "the loss would be 0 / 0")
@@ -145,8 +149,8 @@ def masked_mse_loss(pred: Tensor, imgs: Tensor, patch_size, *, mask: Optional[Te
     requires grad, the image gradient). mask is a constant (no gradient); ids as in patchify_gather.
 
     Value checks (CPU inputs: always; CUDA: only with validate=True, which syncs the host): ids in
-    [0, L) (validate also checks ids distinct per row), mask not all zero. An all-zero mask on CUDA
-    without validate gives nan (0 / 0), like the reference; out-of-range ids give nan.
+    [0, L) and distinct per row; mask finite, non-negative and not all zero. An all-zero mask on
+    CUDA without validate gives nan (0 / 0), like the reference; out-of-range ids give nan.
     Rows with mask 0 are not read, so non-finite pred values there do not reach the loss (the
     reference would propagate a NaN through 0 * NaN).
     """
@@ -163,6 +167,9 @@ def masked_mse_loss(pred: Tensor, imgs: Tensor, patch_size, *, mask: Optional[Te
         raise ValueError(f"pred's last dim must be ph*pw*C = {ph}*{pw}*{C} = {P}, got {pred.shape[2]}")
     if pred.device != imgs.device:
         raise ValueError(f"pred must be on {imgs.device} like imgs, got {pred.device}")
+    check_norm_pix(norm_pix, P)
+    if B == 0:
+        raise ValueError("imgs has an empty batch (B=0): the loss would be 0 / 0")
     if (mask is None) == (ids is None):
         raise ValueError("pass exactly one of mask= (official loss) or ids= (seed loss), got "
                          + ("both" if mask is not None else "neither"))

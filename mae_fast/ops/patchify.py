@@ -98,6 +98,11 @@ def check_imgs(imgs, patch_size, name: str = "imgs") -> tuple[int, int]:
     return ph, pw
 
 
+def check_norm_pix(norm_pix: bool, P: int) -> None:
+    if norm_pix and P < 2:
+        raise ValueError(f"norm_pix needs ph*pw*C >= 2 values per patch (unbiased variance), got P={P}")
+
+
 def check_ids(ids, imgs: Tensor, L: int, name: str = "ids", rows: Optional[int] = None) -> None:
     """Metadata checks of a (B, K) index tensor (its values are checked by check_ids_values)."""
     if not isinstance(ids, Tensor):
@@ -116,14 +121,14 @@ def check_ids(ids, imgs: Tensor, L: int, name: str = "ids", rows: Optional[int] 
 
 
 def check_ids_values(ids: Tensor, L: int, validate: bool, name: str = "ids") -> None:
-    """Range check [0, L) (and, with validate, distinct ids per row). Runs on CPU tensors always
-    (no sync there) and on CUDA only when validate=True (it syncs the host)."""
+    """Range check [0, L) and distinct ids per row (the backward needs them distinct). Runs on CPU
+    tensors always (no sync there) and on CUDA only when validate=True (it syncs the host)."""
     if ids.device.type != "cpu" and not validate:
         return
     if ids.numel() and bool(((ids < 0) | (ids >= L)).any()):
         raise ValueError(f"{name} must be patch indices in [0, L={L}), got values in "
                          f"[{int(ids.min())}, {int(ids.max())}]")
-    if validate and ids.shape[1] > 1:
+    if ids.numel() and ids.shape[1] > 1:
         s = ids.sort(dim=1).values
         if bool((s[:, 1:] == s[:, :-1]).any()):
             raise ValueError(f"{name} must be distinct within each row (a subset of a permutation)")
@@ -346,16 +351,17 @@ def patchify_gather(imgs: Tensor, ids: Tensor, patch_size, *, norm_pix: bool = F
     norm_pix_loss target). The image is read once, in its own strides (channels_last, sliced,
     ... inputs are not copied); arithmetic in fp32; the result has imgs.dtype.
 
-    ids: (B, K) int32/int64 with 1 <= K <= L, values in [0, L). CPU ids are range-checked
-    eagerly; CUDA ids only with validate=True (a host sync), which also checks that the ids of a
-    row are distinct. Unvalidated out-of-range ids on CUDA give NaN rows, never stray memory
-    accesses. Backward gives the image gradient (row gradients scattered back, through norm-pix)
-    and REQUIRES the ids of a row to be distinct, as they are in every MAE (a subset of a
-    permutation): with repeated ids the gradient of only one of the repeats is kept.
+    ids: (B, K) int32/int64 with 1 <= K <= L, values in [0, L), DISTINCT within a row (a subset
+    of a permutation, as in every MAE; the backward relies on it). CPU ids are checked eagerly;
+    CUDA ids only with validate=True (a host sync). Unvalidated out-of-range ids on CUDA give NaN
+    rows, never stray memory accesses; unvalidated repeated ids on CUDA give a correct forward but
+    a backward that keeps the gradient of only one of the repeats. Backward gives the image
+    gradient (row gradients scattered back, through norm-pix).
     """
     ph, pw = check_imgs(imgs, patch_size)
     L = (imgs.shape[2] // ph) * (imgs.shape[3] // pw)
     check_ids(ids, imgs, L)
+    check_norm_pix(norm_pix, ph * pw * imgs.shape[1])
     return torch.ops.mae_fast.patchify_gather(imgs, ids, ph, pw, bool(norm_pix), bool(validate))
 
 
