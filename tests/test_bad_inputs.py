@@ -148,14 +148,8 @@ CASES = [
     ("gather ids list", lambda t: ops.patchify_gather(imgs(), [[0, 1], [2, 3]], 4), TypeError, r"ids must be a torch.Tensor of int32 or int64, got list"),
     ("gather ids meta", lambda t: ops.patchify_gather(imgs(), ids([0, 1], [2, 3]).to("meta"), 4), ValueError, r"ids must be on cpu like imgs, got meta"),
     ("gather dup validate", lambda t: ops.patchify_gather(imgs(), ids([0, 0], [1, 2]), 4, validate=True), ValueError, r"ids must be distinct within each row"),
-    pytest.param("gather dup ids CPU", lambda t: ops.patchify_gather(imgs(), ids([0, 0], [1, 2]), 4), ValueError, r"ids must be distinct",
-                 marks=pytest.mark.xfail(strict=True, reason="ops/patchify.py: repeated ids are accepted on CPU without "
-                                         "validate=True, and the backward then differs between the Triton path (one repeat "
-                                         "kept) and the fallback (summed)")),
-    pytest.param("gather norm_pix P=1", lambda t: ops.patchify_gather(imgs(C=1, H=2, W=2), ids([0, 1], [2, 3]), 1, norm_pix=True),
-                 ValueError, r"norm_pix .*(P|ph\*pw\*C).*>= ?2",
-                 marks=pytest.mark.xfail(strict=True, reason="ops/patchify.py: norm_pix with one value per patch (unbiased "
-                                         "variance 0/0) returns NaN rows instead of an error")),
+    ("gather dup ids CPU", lambda t: ops.patchify_gather(imgs(), ids([0, 0], [1, 2]), 4), ValueError, r"ids must be distinct within each row"),
+    ("gather norm_pix P=1", lambda t: ops.patchify_gather(imgs(C=1, H=2, W=2), ids([0, 1], [2, 3]), 1, norm_pix=True), ValueError, r"norm_pix needs ph\*pw\*C >= 2 values per patch .*got P=1"),
     # --- masked_mse_loss
     ("loss all-zero mask", lambda t: ops.masked_mse_loss(torch.randn(2, 6, 48), imgs(), 4, mask=torch.zeros(2, 6)), ValueError, r"mask must mark at least one removed patch"),
     ("loss mask shape", lambda t: ops.masked_mse_loss(torch.randn(2, 6, 48), imgs(), 4, mask=torch.ones(6)), ValueError, r"mask must have shape \(B=2, L=6\), got \(6,\)"),
@@ -167,18 +161,9 @@ CASES = [
     ("loss ids = L", lambda t: ops.masked_mse_loss(torch.randn(2, 2, 48), imgs(), 4, ids=ids([0, 6], [1, 2])), ValueError, r"ids must be patch indices in \[0, L=6\)"),
     ("loss ids huge", lambda t: ops.masked_mse_loss(torch.randn(2, 2, 48), imgs(), 4, ids=ids([0, 2**33 + 1], [1, 2]), norm_pix=True), ValueError, r"ids must be patch indices in \[0, L=6\)"),
     ("loss imgs 5-D", lambda t: ops.masked_mse_loss(torch.randn(2, 6, 48), imgs()[None], 4, mask=torch.ones(2, 6)), ValueError, r"imgs must be 4-D"),
-    pytest.param("loss NaN mask", lambda t: ops.masked_mse_loss(torch.randn(2, 6, 48), imgs(), 4, mask=torch.full((2, 6), float("nan"))),
-                 ValueError, r"mask must be finite",
-                 marks=pytest.mark.xfail(strict=True, reason="ops/masked_mse_loss.py: a mask holding NaN gives a NaN loss "
-                                         "instead of an error (only 'all zero' is checked)")),
-    pytest.param("loss mask sums to 0", lambda t: ops.masked_mse_loss(torch.randn(2, 6, 48), imgs(), 4, mask=torch.tensor([[1.0, -1, 0, 0, 0, 0]] * 2)),
-                 ValueError, r"mask .*(sum|non-negative|>= 0)",
-                 marks=pytest.mark.xfail(strict=True, reason="ops/masked_mse_loss.py: a weight mask that sums to 0 "
-                                         "(negative entries) gives loss = inf/0, not an error")),
-    pytest.param("loss empty batch", lambda t: ops.masked_mse_loss(torch.randn(0, 6, 48), imgs(B=0), 4, mask=torch.ones(0, 6)),
-                 ValueError, r"(empty|B=0|batch)",
-                 marks=pytest.mark.xfail(strict=True, reason="ops/masked_mse_loss.py: an empty batch is reported as "
-                                         "'an all-zero mask', which it is not")),
+    ("loss NaN mask", lambda t: ops.masked_mse_loss(torch.randn(2, 6, 48), imgs(), 4, mask=torch.full((2, 6), float("nan"))), ValueError, r"mask must be finite .*got NaN or inf"),
+    ("loss mask sums to 0", lambda t: ops.masked_mse_loss(torch.randn(2, 6, 48), imgs(), 4, mask=torch.tensor([[1.0, -1, 0, 0, 0, 0]] * 2)), ValueError, r"mask must be non-negative"),
+    ("loss empty batch", lambda t: ops.masked_mse_loss(torch.randn(0, 6, 48), imgs(B=0), 4, mask=torch.ones(0, 6)), ValueError, r"imgs has an empty batch \(B=0\)"),
     # --- gather_tokens / unshuffle_tokens
     ("tokens ids = L", lambda t: ops.gather_tokens(X, ids([0, 10], [1, 2])), IndexError, r"ids\[0, 1\] = 10 is out of range: indices must be in \[0, 10\)"),
     ("tokens ids 2**33", lambda t: ops.gather_tokens(X, ids([0, 2**33], [1, 2])), IndexError, r"ids\[0, 1\] = 8589934592 is out of range: indices must be in \[0, 10\)"),
