@@ -1,7 +1,201 @@
+"""Shared benchmark plumbing: the quick mode, the time budget, and the long-format results file.
+
+Options (pytest benchmarks/ ...):
+  --bench-quick          CI mode: tiny shapes and few rounds, so the harness never rots
+                         (also MAE_FAST_BENCH_QUICK=1). Results then go to a temporary file
+                         unless --bench-results is given.
+  --bench-results PATH   the long-format CSV the session appends to
+                         (default benchmarks/results/results.csv); "none" writes nothing.
+
+At the end of the session every pytest-benchmark result of the session (all files) becomes rows
+of case, provider, metric, value, device, torch, triton, commit, date: the median (s) and every
+numeric benchmark.extra_info entry, plus the rows and skip reasons recorded through the
+`bench_record` fixture. All rows of one session share the date (the session start, UTC), which is
+how benchmarks/report.py finds the rows measured in the same run.
+
+Environment: MAE_FAST_COMMIT names the commit where the tree has no .git (the device machine);
+MAE_FAST_BENCH_DEADLINE (unix time) or MAE_FAST_BENCH_BUDGET_S (seconds from the session start)
+bounds the step suite, which skips what would not fit, with the reason.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "results.csv"
+COLUMNS = ["case", "provider", "metric", "value", "device", "torch", "triton", "commit", "date"]
+_SESSION_START = time.time()
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("mae_fast benchmarks")
+    group.addoption("--bench-quick", action="store_true", default=False,
+                    help="tiny shapes and few rounds (CI); results to a temporary file unless --bench-results")
+    group.addoption("--bench-results", default=None,
+                    help=f"long-format results CSV to append to (default {DEFAULT_RESULTS}); 'none' to skip")
 
 
 @pytest.fixture
 def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def is_quick(config) -> bool:
+    return bool(config.getoption("--bench-quick", default=False)) or os.environ.get("MAE_FAST_BENCH_QUICK") == "1"
+
+
+@pytest.fixture(scope="session")
+def bench_quick(request) -> bool:
+    """True in --bench-quick mode: benchmark files shrink their shapes and rounds."""
+    return is_quick(request.config)
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def device_label() -> str:
+    """The device the session measures on, as it goes into the results file."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"CPU {cpu} ({os.cpu_count()} cores)"
+
+
+def commit_label() -> str:
+    env = os.environ.get("MAE_FAST_COMMIT")
+    if env:
+        return env
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "mae_fast", "kernels", "csrc", "benchmarks"],
+                               cwd=ROOT, timeout=10).returncode
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> tuple[str, str]:
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    return torch.__version__, tv
+
+
+# ----------------------------------------------------------------------------- recorder
+
+class Recorder:
+    """Rows that are not pytest-benchmark stats (ceilings, memory, skip reasons), and the deadline."""
+
+    def __init__(self, config):
+        self.config = config
+        self.rows: list[tuple[str, str, str, object]] = []
+        self.start = _SESSION_START
+        deadline = os.environ.get("MAE_FAST_BENCH_DEADLINE")
+        budget = os.environ.get("MAE_FAST_BENCH_BUDGET_S")
+        self.deadline = float(deadline) if deadline else (_SESSION_START + float(budget) if budget else math.inf)
+
+    def row(self, case: str, provider: str, metric: str, value) -> None:
+        self.rows.append((case, provider, metric, value))
+
+    def seconds_left(self) -> float:
+        return self.deadline - time.time()
+
+    def skip(self, case: str, provider: str, reason: str):
+        """Records why a provider was not measured, prints it, and skips the test."""
+        self.row(case, provider, "skipped", reason)
+        print(f"\n[bench] skip {case} / {provider}: {reason}")
+        pytest.skip(reason)
+
+
+_RECORDER_KEY = pytest.StashKey[Recorder]()
+
+
+def _recorder(config) -> Recorder:
+    if _RECORDER_KEY not in config.stash:
+        config.stash[_RECORDER_KEY] = Recorder(config)
+    return config.stash[_RECORDER_KEY]
+
+
+@pytest.fixture(scope="session")
+def bench_record(request) -> Recorder:
+    return _recorder(request.config)
+
+
+# ----------------------------------------------------------------------------- results file
+
+def _results_path(config) -> Path | None:
+    opt = config.getoption("--bench-results", default=None)
+    if opt is not None:
+        return None if opt.lower() == "none" else Path(opt)
+    if is_quick(config):
+        return Path(tempfile.gettempdir()) / "mae_fast_bench_quick.csv"
+    return DEFAULT_RESULTS
+
+
+def _numeric(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _benchmark_rows(config):
+    bs = getattr(config, "_benchmarksession", None)
+    for bench in getattr(bs, "benchmarks", None) or []:
+        if not bench or bench.has_error:
+            continue
+        extra, params = bench.extra_info or {}, bench.params or {}
+        case = extra.get("case") or bench.group or bench.name
+        provider = extra.get("provider") or params.get("impl") or params.get("provider") or bench.name
+        metrics = {k: v for k, v in extra.items() if _numeric(v)}
+        metrics.setdefault("median_s", bench.stats.median)
+        metrics.setdefault("rounds", bench.stats.rounds)
+        for metric, value in metrics.items():
+            yield case, provider, metric, value
+
+
+def pytest_sessionfinish(session, exitstatus):
+    config = session.config
+    rows = list(_benchmark_rows(config))
+    if _RECORDER_KEY in config.stash:
+        rows += config.stash[_RECORDER_KEY].rows
+    path = _results_path(config)
+    if not rows or path is None:
+        return
+    torch_v, triton_v = versions()
+    date = _dt.datetime.fromtimestamp(_SESSION_START, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    common = [device_label(), torch_v, triton_v, commit_label(), date]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(COLUMNS)
+        for case, provider, metric, value in rows:
+            value = f"{value:.6g}" if isinstance(value, float) else value
+            w.writerow([case, provider, metric, value, *common])
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    msg = f"[bench] {len(rows)} result rows appended to {path}"
+    if tr is not None:
+        tr.write_line(msg)
+    else:
+        print(msg)

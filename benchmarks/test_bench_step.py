@@ -1,0 +1,485 @@
+"""Benchmarks (measurements, not tests): the full MAE training step -- forward, backward and the
+AdamW step -- of mae_fast.MaskedAutoencoderViT (official API) and mae_fast.MAE (seed API) against
+the peers, all measured in the same run on identical weights and noise.
+
+Providers (a case's speedups are computed by benchmarks/report.py from the same run):
+  mae_fast             the fast model as the training CLI runs it (official: return_pred=False)
+  mae_fast_pred        official API only: the drop-in call forward(imgs, ratio, noise) -> (loss, pred, mask)
+  mae_fast_compiled    torch.compile(mae_fast model)
+  reference            mae_fast.reference, eager, explicit softmax attention (the oracle)
+  reference_compiled   torch.compile(reference model)
+  hf                   transformers' ViTMAEForPreTraining, attn_implementation="sdpa", same config
+                       and weights (mae_fast.hf.to_hf) -- official API only
+  vit_pytorch          vit_pytorch.MAE(encoder=vit_pytorch.ViT) with the same weights -- seed API
+                       only; it draws its own noise (no noise argument), which changes no cost
+Peers that are not installed or fail are skipped with the reason printed and recorded.
+
+Cases. CUDA: ViT-B/16 and ViT-L/16 (official) at 224x224, mask 0.75, batch 256 (ViT-L 128), and a
+ViT-B-sized seed model, under bf16 autocast, fused AdamW. CPU: the `tiny` preset (32x32, patch 4)
+and a seed model of the same size, batch 64, fp32, 1 thread (a shared 2-core box). --bench-quick:
+depth-1 models, batch 8, 3 rounds, one compiled provider (CI keeps the harness alive).
+
+Per case and provider (benchmark.extra_info, then benchmarks/results/results.csv):
+  images_per_s      batch / median step time; each pytest-benchmark round is one step (+ a CUDA
+                    sync); warm-up steps (compilation included) are excluded
+  peak_mem_mb       CUDA: torch.cuda.max_memory_allocated over the measured steps (reset before,
+                    weights + AdamW state included). CPU: bytes alive at the step start (weights,
+                    AdamW state, inputs) + the peak of the profiler's allocation trace over one
+                    step (torch.profiler profile_memory; library-internal scratch is not seen)
+  tflops, mfu       counted model FLOPs (benchmarks/flops.py, the same numerator for every
+                    provider of a case) / median time, over the matmul ceiling measured in this
+                    run (CUDA: bf16 8192^3 matmul, triton.testing.do_bench median; CPU: fp32)
+  first_step_s      the first step (compilation for the compiled providers)
+  loss0             the first step's loss (same weights and noise: equal across providers)
+The ceilings are rows of case "ceiling (<dtype>)": matmul_tflops and copy_gbps (a large
+device-to-device copy, counted read + write bytes: the bandwidth bound of the memory-bound ops).
+
+    pytest benchmarks/test_bench_step.py                    # then: python -m benchmarks.report
+    MAE_FAST_BENCH_CASES=official-vit_b16 MAE_FAST_BENCH_ROUNDS=20 pytest benchmarks/test_bench_step.py
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import mae_fast  # noqa: E402
+from mae_fast import reference as R  # noqa: E402
+
+from benchmarks.flops import official_step_flops, seed_step_flops  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+CPU_THREADS = int(os.environ.get("MAE_FAST_BENCH_THREADS", "1"))
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    api: str          # "official" | "seed"
+    batch: int
+    img: int
+    patch: int
+    dim: int
+    depth: int
+    heads: int
+    dec_dim: int
+    dec_depth: int
+    dec_heads: int
+    dim_head: int = 64      # seed API
+    dec_dim_head: int = 64  # seed API
+    mask_ratio: float = 0.75
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img // self.patch) ** 2
+
+
+def _official(name, batch, img, patch, dim, depth, heads, dec_dim=512, dec_depth=8, dec_heads=16):
+    return Case(name, "official", batch, img, patch, dim, depth, heads, dec_dim, dec_depth, dec_heads)
+
+
+def _seed(name, batch, img, patch, dim, depth, heads, dim_head, dec_dim, dec_depth, dec_heads, dec_dim_head):
+    return Case(name, "seed", batch, img, patch, dim, depth, heads, dec_dim, dec_depth, dec_heads, dim_head,
+                dec_dim_head)
+
+
+GPU_CASES = [
+    _official("official-vit_b16", 256, 224, 16, 768, 12, 12),
+    _official("official-vit_l16", 128, 224, 16, 1024, 24, 16),
+    # the seed API at ViT-B size: same encoder, the official decoder (512 wide, 8 deep, 16 heads of 32)
+    _seed("seed-vit_b16", 256, 224, 16, 768, 12, 12, 64, 512, 8, 16, 32),
+]
+CPU_CASES = [  # the `tiny` preset of mae_fast.presets, and a seed model of the same size
+    _official("official-tiny", 64, 32, 4, 96, 4, 3, 64, 2, 2),
+    _seed("seed-tiny", 64, 32, 4, 96, 4, 3, 32, 64, 2, 2, 32),
+]
+QUICK_CASES = [
+    _official("official-micro", 8, 32, 8, 64, 1, 2, 32, 1, 2),
+    _seed("seed-micro", 8, 32, 8, 64, 1, 2, 32, 32, 1, 2, 16),
+]
+PROVIDERS = {
+    "official": ["mae_fast", "mae_fast_pred", "reference", "hf", "mae_fast_compiled", "reference_compiled"],
+    "seed": ["mae_fast", "reference", "vit_pytorch", "mae_fast_compiled", "reference_compiled"],
+}
+OURS = ("mae_fast", "mae_fast_pred", "mae_fast_compiled")
+QUICK_COMPILED = ("official-micro", "mae_fast_compiled")  # the one compile quick mode pays for
+
+
+def _selected(quick: bool):
+    cases = QUICK_CASES if quick else (GPU_CASES if CUDA else CPU_CASES)
+    only = {c for c in os.environ.get("MAE_FAST_BENCH_CASES", "").split(",") if c}
+    if only:
+        cases = [c for c in cases if c.name in only]
+    providers = {p for p in os.environ.get("MAE_FAST_BENCH_PROVIDERS", "").split(",") if p}
+    pairs = [(c, p) for c in cases for p in PROVIDERS[c.api] if not providers or p in providers]
+    # eager providers of every case first, then the (slow to compile) compiled ones: under a time
+    # budget the tail that gets skipped is the compiled providers of the last cases
+    return sorted(pairs, key=lambda cp: cp[1].endswith("_compiled"))
+
+
+def pytest_generate_tests(metafunc):
+    if "case" in metafunc.fixturenames and "provider" in metafunc.fixturenames:
+        quick = metafunc.config.getoption("--bench-quick", default=False) \
+            or os.environ.get("MAE_FAST_BENCH_QUICK") == "1"  # as conftest.is_quick
+        pairs = _selected(quick)
+        metafunc.parametrize(("case", "provider"), pairs, ids=[f"{c.name}-{p}" for c, p in pairs])
+
+
+def _rounds(quick: bool) -> tuple[int, int]:
+    """(warm-up steps, measured steps)."""
+    if quick:
+        return 1, 3
+    warm, rounds = (5, 30) if CUDA else (3, 20)
+    return (int(os.environ.get("MAE_FAST_BENCH_WARMUP", warm)), int(os.environ.get("MAE_FAST_BENCH_ROUNDS", rounds)))
+
+
+# ----------------------------------------------------------------------------- setup / summary
+
+_RESULTS: dict[tuple[str, str], dict] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _setup_and_summary(request):
+    old_interp, threads = os.environ.get("TRITON_INTERPRET"), torch.get_num_threads()
+    if not CUDA:
+        os.environ["TRITON_INTERPRET"] = "0"  # CPU: the ops' vectorised fallbacks, not the interpreter
+        torch.set_num_threads(CPU_THREADS)
+    yield
+    used_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    if old_interp is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old_interp
+    if not _RESULTS:
+        return
+    lines = ["", f"training-step benchmarks on {_device_name()}, torch {torch.__version__}"
+             + ("" if CUDA else f", {used_threads} thread(s)"),
+             f"{'case':20s} {'provider':19s} {'img/s':>10s} {'ms/step':>9s} {'peak MB':>9s} {'MFU':>7s} "
+             f"{'vs reference':>13s} {'vs ref_compiled':>16s}"]
+    for (case, provider), m in _RESULTS.items():
+        ref = _RESULTS.get((case, "reference"), {}).get("images_per_s")
+        refc = _RESULTS.get((case, "reference_compiled"), {}).get("images_per_s")
+        ips = m.get("images_per_s")
+        vs = (f"{ips / ref:12.2f}x" if ips and ref else "") if provider != "reference" else ""
+        vsc = (f"{ips / refc:15.2f}x" if ips and refc else "") if provider != "reference_compiled" else ""
+        mfu = m.get("mfu")
+        lines.append(f"{case:20s} {provider:19s} {ips or 0:10.1f} {m.get('median_s', 0) * 1e3:9.2f} "
+                     f"{m.get('peak_mem_mb', float('nan')):9.1f} {'' if mfu is None else f'{mfu:6.1%}':>7s} "
+                     f"{vs:>13s} {vsc:>16s}")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with (capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()):
+        print("\n".join(lines))
+
+
+def _device_name():
+    return torch.cuda.get_device_name() if CUDA else "CPU"
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+# ----------------------------------------------------------------------------- ceilings
+
+_CEILING: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def ceiling(bench_record, bench_quick):
+    """Measured once per run: the matmul ceiling (FLOP/s) of the step's dtype and the copy bandwidth."""
+    if not _CEILING:
+        if CUDA:
+            import triton.testing
+
+            n, dtype = 8192, torch.bfloat16
+            a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+            ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+            flops = 2 * n**3 / (ms * 1e-3)
+            del a, b
+            src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+            dst = torch.empty_like(src)
+            ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+            gbps = 2 * src.numel() / (ms * 1e-3) / 1e9
+            del src, dst
+            torch.cuda.empty_cache()
+            label = "bf16"
+        else:
+            n, dtype = (256, torch.float32) if bench_quick else (1024, torch.float32)
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            flops = 2 * n**3 / _time_cpu(lambda: a @ b, 3 if bench_quick else 10)
+            src = torch.empty(1 << (24 if bench_quick else 28), dtype=torch.uint8)
+            dst = torch.empty_like(src)
+            gbps = 2 * src.numel() / _time_cpu(lambda: dst.copy_(src), 3 if bench_quick else 10) / 1e9
+            label = f"fp32, {torch.get_num_threads()} thread(s)"
+        _CEILING.update(flops=flops, gbps=gbps, label=label)
+        case = f"ceiling ({label})"
+        bench_record.row(case, "torch.matmul", "matmul_tflops", flops / 1e12)
+        bench_record.row(case, "copy_", "copy_gbps", gbps)
+    return _CEILING
+
+
+def _time_cpu(fn, reps):
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return _median(ts)
+
+
+# ----------------------------------------------------------------------------- models
+
+_STATE: dict[str, dict] = {}  # the initial weights of the current case (one case kept at a time)
+
+
+def _official_kwargs(c: Case) -> dict:
+    return dict(img_size=c.img, patch_size=c.patch, in_chans=3, embed_dim=c.dim, depth=c.depth, num_heads=c.heads,
+                decoder_embed_dim=c.dec_dim, decoder_depth=c.dec_depth, decoder_num_heads=c.dec_heads, mlp_ratio=4.0,
+                norm_pix_loss=True)
+
+
+def _seed_model(lib, c: Case):
+    enc = lib.ViT(image_size=c.img, patch_size=c.patch, num_classes=0, dim=c.dim, depth=c.depth, heads=c.heads,
+                  mlp_dim=4 * c.dim, dim_head=c.dim_head, pool="mean", channels=3)
+    return lib.MAE(encoder=enc, decoder_dim=c.dec_dim, masking_ratio=c.mask_ratio, decoder_depth=c.dec_depth,
+                   decoder_heads=c.dec_heads, decoder_dim_head=c.dec_dim_head)
+
+
+def _fast_model(c: Case):
+    return mae_fast.MaskedAutoencoderViT(**_official_kwargs(c)) if c.api == "official" else _seed_model(mae_fast, c)
+
+
+def _initial_state(c: Case) -> dict:
+    if c.name not in _STATE:
+        _STATE.clear()
+        gc.collect()
+        torch.manual_seed(0)
+        with torch.device(DEVICE):  # initialised where it runs: ViT-L on a CPU takes seconds
+            _STATE[c.name] = {k: v.detach().clone() for k, v in _fast_model(c).state_dict().items()}
+    return _STATE[c.name]
+
+
+def _inputs(c: Case):
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    imgs = torch.randn(c.batch, 3, c.img, c.img, device=DEVICE, generator=g)
+    noise = torch.rand(c.batch, c.num_patches, device=DEVICE, generator=g)
+    return imgs, noise
+
+
+class PeerUnavailable(Exception):
+    pass
+
+
+def _build(c: Case, provider: str):
+    """(module whose parameters train, loss function of (imgs, noise), model FLOPs of one step)."""
+    base = provider.removesuffix("_compiled")
+    state = _initial_state(c)
+    with torch.device(DEVICE):
+        if c.api == "official":
+            if base in ("mae_fast", "mae_fast_pred", "hf"):
+                model = mae_fast.MaskedAutoencoderViT(**_official_kwargs(c))
+            else:
+                model = R.MaskedAutoencoderViT(**_official_kwargs(c))
+        elif base == "vit_pytorch":
+            try:
+                import vit_pytorch
+            except ImportError as e:
+                raise PeerUnavailable(f"vit-pytorch is not installed ({e})") from None
+            model = _seed_model(vit_pytorch, c)
+        else:
+            model = _seed_model(mae_fast if base == "mae_fast" else R, c)
+    model.load_state_dict(state)
+    model.train()
+    flops_model = model
+    if base == "hf":
+        try:
+            import transformers  # noqa: F401
+        except ImportError as e:
+            raise PeerUnavailable(f"transformers is not installed ({e})") from None
+        from mae_fast.hf import to_hf
+
+        model = to_hf(model, attn_implementation="sdpa").to(DEVICE).train()
+    net = torch.compile(model) if provider.endswith("_compiled") else model
+    ratio = c.mask_ratio
+    if c.api == "official":
+        flops = official_step_flops(flops_model, c.batch, ratio)
+        if base == "mae_fast":
+            def loss_fn(imgs, noise):
+                return net(imgs, ratio, noise, return_pred=False)[0]
+        elif base == "hf":
+            def loss_fn(imgs, noise):
+                return net(pixel_values=imgs, noise=noise).loss
+        else:  # mae_fast_pred, reference
+            def loss_fn(imgs, noise):
+                return net(imgs, ratio, noise)[0]
+    else:
+        flops = seed_step_flops(flops_model, c.batch)
+        if base == "vit_pytorch":
+            def loss_fn(imgs, noise):
+                return net(imgs)
+        else:
+            def loss_fn(imgs, noise):
+                return net(imgs, noise)
+    return model, loss_fn, flops
+
+
+def _adamw(model, batch):
+    """The official recipe's optimizer: AdamW betas (0.9, 0.95), wd 0.05 except 1-D params and biases,
+    lr = 1.5e-4 * batch / 256; fused where torch has it for the device."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.numel():
+            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    groups = [dict(params=decay, weight_decay=0.05), dict(params=no_decay, weight_decay=0.0)]
+    kw = dict(lr=1.5e-4 * batch / 256, betas=(0.9, 0.95))
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw), "fused"
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, **kw), "default"
+
+
+def _amp():
+    return torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel():
+            s = t.untyped_storage()
+            if s.data_ptr() not in seen:
+                seen.add(s.data_ptr())
+                total += s.nbytes()
+    return total
+
+
+def _cpu_step_peak_bytes(step) -> int:
+    """Peak of the running sum of allocations (and frees) the profiler records during one step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    allocs = []
+    alloc_tag = torch._C._profiler._EventType.Allocation
+
+    def walk(node):
+        if node.tag == alloc_tag:
+            allocs.append((node.start_time_ns, node.extra_fields.alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    if not allocs:
+        raise RuntimeError("the profiler recorded no allocations")
+    cur = peak = 0
+    for _, size in sorted(allocs):
+        cur += size
+        peak = max(peak, cur)
+    return peak
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+def _cleanup(compiled: bool):
+    gc.collect()
+    if compiled:
+        torch._dynamo.reset()
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
+def test_step(benchmark, case, provider, bench_record, bench_quick, ceiling):
+    name = case.name
+    benchmark.group = f"step-{name}"
+    compiled = provider.endswith("_compiled")
+    if bench_quick and compiled and (name, provider) != QUICK_COMPILED:
+        bench_record.skip(name, provider, "quick mode compiles one provider only "
+                                          f"({QUICK_COMPILED[1]} on {QUICK_COMPILED[0]})")
+    need = (150 if CUDA else 120) if compiled else (40 if CUDA else 30)
+    left = bench_record.seconds_left()
+    if left < need:
+        bench_record.skip(name, provider, f"time budget: {max(left, 0):.0f} s left, a {provider} case needs ~{need} s")
+    peer = provider not in OURS and provider != "reference"  # an error there is the peer's, not ours
+    try:
+        model, loss_fn, flops = _build(case, provider)
+    except PeerUnavailable as e:
+        bench_record.skip(name, provider, str(e))
+    opt, opt_kind = _adamw(model, case.batch)
+    imgs, noise = _inputs(case)
+
+    def step():
+        with _amp():
+            loss = loss_fn(imgs, noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    warmup, rounds = _rounds(bench_quick)
+    t0 = time.perf_counter()
+    try:
+        loss0 = step().item()
+    except Exception as e:  # noqa: BLE001 -- a peer's failure is recorded, ours fails the test
+        if not peer:
+            raise
+        del model, opt
+        _cleanup(compiled)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        bench_record.skip(name, provider, f"{provider} fails on this case: {type(e).__name__}: {first[:200]}")
+    first_step_s = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step()
+    _sync()
+    gc.collect()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+
+    def run():
+        step()
+        _sync()
+
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)
+    metrics = dict(loss0=loss0, first_step_s=first_step_s, batch=case.batch, step_flops=flops.total)
+    if CUDA:
+        metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        static = _tensor_bytes([*model.parameters(), *model.buffers(), imgs, noise,
+                                *(v for s in opt.state.values() for v in s.values())])
+        try:
+            metrics["peak_mem_mb"] = (static + _cpu_step_peak_bytes(step)) / 2**20
+        except Exception as e:  # noqa: BLE001 -- a private profiler API; say why the number is missing
+            bench_record.row(name, provider, "peak_mem_unavailable", f"{type(e).__name__}: {e}")
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        median = benchmark.stats.stats.median
+        metrics.update(median_s=median, images_per_s=case.batch / median, tflops=flops.total / median / 1e12,
+                       mfu=flops.total / median / ceiling["flops"])
+    benchmark.extra_info.update(case=name, provider=provider, device=_device_name(), optimizer=f"AdamW ({opt_kind})",
+                                dtype="bf16 autocast" if CUDA else "fp32", ceiling=ceiling["label"], **metrics)
+    _RESULTS[(name, provider)] = metrics
+    del model, opt, step, loss_fn
+    _cleanup(compiled)
