@@ -14,6 +14,7 @@ numeric benchmark.extra_info entry, plus the rows and skip reasons recorded thro
 how benchmarks/report.py finds the rows measured in the same run.
 
 Environment: MAE_FAST_COMMIT names the commit where the tree has no .git (the device machine);
+MAE_FAST_BENCH_DATE sets the run id (date column) so that several pytest sessions form one run;
 MAE_FAST_BENCH_DEADLINE (unix time) or MAE_FAST_BENCH_BUDGET_S (seconds from the session start)
 bounds the step suite, which skips what would not fit, with the reason.
 """
@@ -182,7 +183,8 @@ def pytest_sessionfinish(session, exitstatus):
     if not rows or path is None:
         return
     torch_v, triton_v = versions()
-    date = _dt.datetime.fromtimestamp(_SESSION_START, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    date = os.environ.get("MAE_FAST_BENCH_DATE") or \
+        _dt.datetime.fromtimestamp(_SESSION_START, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     common = [device_label(), torch_v, triton_v, commit_label(), date]
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# One GPU run: build the extension, print mae_fast.info, run `pytest -m gpu tests/`, run the GPU
+# benchmarks (training step first, then the fused ops), write results + markdown + chart under
+# benchmarks/results/, and print a short summary table last. Sized for one H200 in < 8 minutes,
+# no network. Every stage has a timeout; a failed or timed-out stage is reported and the later
+# stages still run (pytest is stopped with SIGINT, so the rows measured so far are still written).
+#
+#   MAE_FAST_COMMIT=<sha> bash benchmarks/gpu_run.sh     # the sha: the tree copied there has no .git
+#
+# Environment knobs (defaults in brackets):
+#   MAE_FAST_GPU_BUDGET_S [450]  wall-clock budget of the whole script; stages shrink to fit
+#   MAE_FAST_SKIP_BUILD=1        use the installed build; MAE_FAST_SKIP_TESTS=1 skips pytest -m gpu
+#   MAE_FAST_BENCH_CASES, MAE_FAST_BENCH_PROVIDERS, MAE_FAST_BENCH_ROUNDS   see test_bench_step.py
+#   MAE_FAST_RESULTS_DIR [benchmarks/results]   where results.csv, <gpu>.md/.png and gpu_logs/ go
+#   TORCH_CUDA_ARCH_LIST [9.0]   only the H200's arch: half the nvcc time of the default 8.0;9.0+PTX
+# Where $OUT is set (the device runner's output folder) benchmarks/results/ is copied there at the end.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$(pwd)
+T0=$(date +%s)
+BUDGET=${MAE_FAST_GPU_BUDGET_S:-450}
+RES=${MAE_FAST_RESULTS_DIR:-benchmarks/results}
+LOGS=$RES/gpu_logs
+mkdir -p "$LOGS"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+[ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+# one run id for every pytest session of this script: report.py groups rows by (device, date)
+export MAE_FAST_BENCH_DATE=${MAE_FAST_BENCH_DATE:-$(date -u +%Y-%m-%dT%H:%M:%SZ)}
+unset TRITON_INTERPRET
+SUMMARY=()
+
+elapsed() { echo $(( $(date +%s) - T0 )); }
+
+# stage NAME MAX_SECONDS END_BY_SECONDS command...: runs with timeout min(MAX, END_BY - elapsed)
+stage() {
+  local name=$1 max=$2 end_by=$3; shift 3
+  local left=$(( end_by - $(elapsed) )) limit=$max
+  (( left < limit )) && limit=$left
+  if (( limit < 10 )); then
+    SUMMARY+=("$(printf '%-12s skipped: no time left (%ss elapsed)' "$name" "$(elapsed)")")
+    echo "=== [$name] skipped: no time left"
+    return 0
+  fi
+  echo "=== [$name] (timeout ${limit}s, $(elapsed)s elapsed): $*"
+  local s rc
+  s=$(date +%s)
+  # SIGINT to the whole process group (timeout without --foreground): pytest then still writes
+  # its results; SIGKILL 15 s later if anything hangs
+  timeout -s INT -k 15 "$limit" bash -c '"$@"' _ "$@" 2>&1 | tee "$LOGS/$name.log"
+  rc=${PIPESTATUS[0]}
+  local took=$(( $(date +%s) - s )) status="ok"
+  if (( rc == 124 || rc == 137 || rc == 130 )); then status="TIMED OUT after ${took}s (rc $rc)"
+  elif (( rc != 0 )); then status="FAILED (rc $rc)"; fi
+  SUMMARY+=("$(printf '%-12s %-28s %4ss  log: %s' "$name" "$status" "$took" "$LOGS/$name.log")")
+  return 0
+}
+
+build() {
+  if [ "${MAE_FAST_SKIP_BUILD:-0}" = 1 ]; then echo "MAE_FAST_SKIP_BUILD=1: using the installed build"; return 0; fi
+  MAX_JOBS=16 pip install -e . --no-build-isolation --no-deps --no-index -q && return 0
+  echo "!! pip install -e failed; trying a plain install, then setup.py develop"
+  MAX_JOBS=16 pip install . --no-build-isolation --no-deps --no-index -q && return 0
+  MAX_JOBS=16 python setup.py develop --no-deps && return 0
+  echo "!! no install worked; building the extension in place (PYTHONPATH has the repo root)"
+  MAX_JOBS=16 python setup.py build_ext --inplace
+  return 1
+}
+
+verify() {
+  python -m mae_fast.info
+  python - <<'EOF'
+import importlib, sys
+ok = True
+for mod in ("mae_fast.kernels.patchify", "mae_fast.kernels.masked_mse_loss"):
+    try:
+        importlib.import_module(mod)
+        print(f"{mod}: importable")
+    except Exception as e:  # the ops would silently take their PyTorch fallbacks on CUDA
+        ok = False
+        print(f"!! {mod} NOT importable ({type(e).__name__}: {e}): CUDA ops run PyTorch fallbacks; "
+              "benchmark numbers are then not mae_fast's kernels")
+import mae_fast
+if not mae_fast._ext.AVAILABLE:
+    ok = False
+    print(f"!! extension not loaded: {mae_fast._ext.UNAVAILABLE_REASON}")
+for name in ("transformers", "vit_pytorch", "triton"):
+    try:
+        m = importlib.import_module(name)
+        print(f"{name} {getattr(m, '__version__', '?')}")
+    except ImportError:
+        print(f"{name}: not installed (its benchmark provider is skipped)")
+sys.exit(0 if ok else 1)
+EOF
+}
+
+bench_step() {
+  # the suite skips what would not fit before its own deadline (the stage timeout is the backstop)
+  MAE_FAST_BENCH_DEADLINE=$(( $(date +%s) + $1 - 10 )) \
+    python -m pytest benchmarks/test_bench_step.py -q -p no:cacheprovider --bench-results "$RES/results.csv" \
+    --benchmark-columns=median,rounds
+}
+
+bench_ops() {
+  python -m pytest benchmarks/test_bench_patchify_loss.py benchmarks/test_bench_tokens.py -q -p no:cacheprovider \
+    --bench-results "$RES/results.csv" --benchmark-columns=median,rounds
+}
+
+gpu_name() { python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')" 2>/dev/null || echo NVIDIA; }
+
+report() {
+  local dev; dev=$(gpu_name)
+  python -m benchmarks.report --csv "$RES/results.csv" --outdir "$RES" --device "$dev" > "$LOGS/report.md"
+}
+
+export ROOT RES LOGS
+export -f build verify bench_step bench_ops gpu_name report
+
+echo "mae_fast GPU run: $(date -u), budget ${BUDGET}s, run id $MAE_FAST_BENCH_DATE, commit ${MAE_FAST_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | head -3
+
+stage build 200 $(( BUDGET - 250 )) build
+stage info 40 $(( BUDGET - 230 )) verify
+if [ "${MAE_FAST_SKIP_TESTS:-0}" != 1 ]; then
+  stage gpu-tests 90 $(( BUDGET - 200 )) python -m pytest -m gpu tests/ -q -p no:cacheprovider
+fi
+STEP_END=$(( BUDGET - 70 ))
+STEP_LIMIT=$(( STEP_END - $(elapsed) ))
+stage bench-step "$STEP_LIMIT" "$STEP_END" bench_step "$STEP_LIMIT"
+stage bench-ops 120 $(( BUDGET - 25 )) bench_ops
+stage report 30 "$BUDGET" report
+
+if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+  mkdir -p "$OUT/benchmarks" && cp -r "$RES" "$OUT/benchmarks/" && echo "copied $RES to $OUT/benchmarks/"
+fi
+
+echo
+echo "=============================== summary ($(elapsed)s) ==============================="
+for line in "${SUMMARY[@]}"; do echo "$line"; done
+python -m benchmarks.report --csv "$RES/results.csv" --device "$(gpu_name)" --summary 2>&1 | tail -45
