@@ -169,17 +169,19 @@ def _setup_and_summary(request):
     lines = ["", f"training-step benchmarks on {_device_name()}, torch {torch.__version__}"
              + ("" if CUDA else f", {used_threads} thread(s)"),
              f"{'case':20s} {'provider':19s} {'img/s':>10s} {'ms/step':>9s} {'peak MB':>9s} {'MFU':>7s} "
-             f"{'vs reference':>13s} {'vs ref_compiled':>16s}"]
+             f"{'vs reference':>13s} {'vs ref_compiled':>16s} {'vs ref, interleaved':>20s}"]
+
+    def ratio(m, case, peer, provider, key="images_per_s"):
+        mine, other = m.get(key), _RESULTS.get((case, peer), {}).get(key)
+        return f"{mine / other:.2f}x" if mine and other and provider != peer else ""
+
     for (case, provider), m in _RESULTS.items():
-        ref = _RESULTS.get((case, "reference"), {}).get("images_per_s")
-        refc = _RESULTS.get((case, "reference_compiled"), {}).get("images_per_s")
-        ips = m.get("images_per_s")
-        vs = (f"{ips / ref:12.2f}x" if ips and ref else "") if provider != "reference" else ""
-        vsc = (f"{ips / refc:15.2f}x" if ips and refc else "") if provider != "reference_compiled" else ""
         mfu = m.get("mfu")
-        lines.append(f"{case:20s} {provider:19s} {ips or 0:10.1f} {m.get('median_s', 0) * 1e3:9.2f} "
-                     f"{m.get('peak_mem_mb', float('nan')):9.1f} {'' if mfu is None else f'{mfu:6.1%}':>7s} "
-                     f"{vs:>13s} {vsc:>16s}")
+        lines.append(f"{case:20s} {provider:19s} {m.get('images_per_s', float('nan')):10.1f} "
+                     f"{m.get('median_s', float('nan')) * 1e3:9.2f} {m.get('peak_mem_mb', float('nan')):9.1f} "
+                     f"{'' if mfu is None else f'{mfu:6.1%}':>7s} {ratio(m, case, 'reference', provider):>13s} "
+                     f"{ratio(m, case, 'reference_compiled', provider):>16s} "
+                     f"{ratio(m, case, 'reference', provider, 'images_per_s_interleaved'):>20s}")
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with (capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()):
         print("\n".join(lines))
@@ -413,22 +415,9 @@ def _cleanup(compiled: bool):
         torch.cuda.empty_cache()
 
 
-def test_step(benchmark, case, provider, bench_record, bench_quick, ceiling):
-    name = case.name
-    benchmark.group = f"step-{name}"
-    compiled = provider.endswith("_compiled")
-    if bench_quick and compiled and (name, provider) != QUICK_COMPILED:
-        bench_record.skip(name, provider, "quick mode compiles one provider only "
-                                          f"({QUICK_COMPILED[1]} on {QUICK_COMPILED[0]})")
-    need = (150 if CUDA else 120) if compiled else (40 if CUDA else 30)
-    left = bench_record.seconds_left()
-    if left < need:
-        bench_record.skip(name, provider, f"time budget: {max(left, 0):.0f} s left, a {provider} case needs ~{need} s")
-    peer = provider not in OURS and provider != "reference"  # an error there is the peer's, not ours
-    try:
-        model, loss_fn, flops = _build(case, provider)
-    except PeerUnavailable as e:
-        bench_record.skip(name, provider, str(e))
+def _make_step(case: Case, provider: str):
+    """(model, optimizer, its kind, step(), FLOPs); step.inputs = (imgs, noise)."""
+    model, loss_fn, flops = _build(case, provider)
     opt, opt_kind = _adamw(model, case.batch)
     imgs, noise = _inputs(case)
 
@@ -439,6 +428,28 @@ def test_step(benchmark, case, provider, bench_record, bench_quick, ceiling):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
+
+    step.inputs = (imgs, noise)
+    return model, opt, opt_kind, step, flops
+
+
+def test_step(benchmark, case, provider, bench_record, bench_quick, ceiling):
+    name = case.name
+    benchmark.group = f"step-{name}"
+    compiled = provider.endswith("_compiled")
+    if bench_quick and compiled and (name, provider) != QUICK_COMPILED:
+        bench_record.skip(name, provider, "quick mode compiles one provider only "
+                                          f"({QUICK_COMPILED[1]} on {QUICK_COMPILED[0]})")
+    need = (90 if CUDA else 120) if compiled else (30 if CUDA else 30)
+    left = bench_record.seconds_left()
+    if left < need:
+        bench_record.skip(name, provider, f"time budget: {max(left, 0):.0f} s left, a {provider} case needs ~{need} s")
+    peer = provider not in OURS and provider != "reference"  # an error there is the peer's, not ours
+    try:
+        model, opt, opt_kind, step, flops = _make_step(case, provider)
+    except PeerUnavailable as e:
+        bench_record.skip(name, provider, str(e))
+    imgs, noise = step.inputs
 
     warmup, rounds = _rounds(bench_quick)
     t0 = time.perf_counter()
@@ -481,5 +492,50 @@ def test_step(benchmark, case, provider, bench_record, bench_quick, ceiling):
     benchmark.extra_info.update(case=name, provider=provider, device=_device_name(), optimizer=f"AdamW ({opt_kind})",
                                 dtype="bf16 autocast" if CUDA else "fp32", ceiling=ceiling["label"], **metrics)
     _RESULTS[(name, provider)] = metrics
-    del model, opt, step, loss_fn
+    del model, opt, step
     _cleanup(compiled)
+
+
+@pytest.mark.parametrize("case_name", [c.name for c in CPU_CASES + QUICK_CASES])
+def test_step_interleaved(case_name, bench_record, bench_quick):
+    """CPU only: the eager providers of a case measured round-robin, one step each per round, so that
+    the load of a shared box hits all of them alike; rows images_per_s_interleaved / median_s_interleaved.
+    (The per-provider medians of test_step run one provider after another: a load change between
+    them moves their ratio.)"""
+    if CUDA:
+        pytest.skip("CPU only: a GPU run has the device to itself; test_step's medians are the measurement")
+    cases = {c.name: c for c, _ in _selected(bench_quick)}
+    if case_name not in cases:
+        pytest.skip(f"{case_name} is not selected in this mode")
+    case = cases[case_name]
+    steps = {}
+    for provider in PROVIDERS[case.api]:
+        if provider.endswith("_compiled"):
+            continue
+        try:
+            steps[provider] = _make_step(case, provider)[3]
+            steps[provider]()
+        except PeerUnavailable as e:
+            print(f"\n[bench] interleaved {case_name}: {provider} left out ({e})")
+        except Exception as e:  # noqa: BLE001 -- a failing peer is left out (test_step records why)
+            if provider in OURS or provider == "reference":
+                raise
+            steps.pop(provider, None)
+            print(f"\n[bench] interleaved {case_name}: {provider} left out ({type(e).__name__})")
+    warmup, rounds = _rounds(bench_quick)
+    times = {p: [] for p in steps}
+    for r in range(warmup + rounds):
+        order = list(steps)
+        order = order[r % len(order):] + order[:r % len(order)]  # rotate who goes first
+        for p in order:
+            t = time.perf_counter()
+            steps[p]()
+            if r >= warmup:
+                times[p].append(time.perf_counter() - t)
+    for p, ts in times.items():
+        med = _median(ts)
+        bench_record.row(case_name, p, "median_s_interleaved", med)
+        bench_record.row(case_name, p, "images_per_s_interleaved", case.batch / med)
+        _RESULTS.setdefault((case_name, p), {})["images_per_s_interleaved"] = case.batch / med
+    steps.clear()
+    _cleanup(False)
