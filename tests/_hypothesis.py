@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large,
              HealthCheck.filter_too_much]
 
-settings.register_profile("ci", max_examples=6, deadline=None, derandomize=True, print_blob=True,
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=_SUPPRESS)
 settings.register_profile("dev", max_examples=150, deadline=None, print_blob=True, suppress_health_check=_SUPPRESS)
 
@@ -22,6 +22,7 @@ PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 FUZZ = settings.get_profile(PROFILE if PROFILE in ("ci", "dev") else "ci")
 
 
-def scaled(n: int) -> settings:
-    """The active profile with n times its examples (for the cheap tests)."""
-    return settings(FUZZ, max_examples=FUZZ.max_examples * n)
+def scaled(factor: float) -> settings:
+    """The active profile with factor times its examples (more for the cheap tests, fewer for the
+    model forwards)."""
+    return settings(FUZZ, max_examples=max(1, int(FUZZ.max_examples * factor)))

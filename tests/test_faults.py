@@ -47,10 +47,10 @@ def _import_triton_interpreted():
 
 _import_triton_interpreted()
 
-# 8 steps per epoch, 2 epochs: checkpoints at steps 8 and 16
-RUN = ["--model", "tiny", "--img-size", "16", "--batch-size", "8", "--samples-per-epoch", "64", "--epochs", "2",
+# 6 steps per epoch, 2 epochs: checkpoints at steps 6 and 12
+RUN = ["--model", "tiny", "--img-size", "16", "--batch-size", "8", "--samples-per-epoch", "48", "--epochs", "2",
        "--quiet", "--vis-every", "100"]
-STEPS_PER_EPOCH, TOTAL = 8, 16
+STEPS_PER_EPOCH, TOTAL = 6, 12
 
 
 @pytest.fixture(autouse=True)
@@ -112,8 +112,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, straight):
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     try:
-        # a few steps past the first checkpoint (step 8), well before the second (step 16)
-        while time.time() < deadline and line_count(metrics) < STEPS_PER_EPOCH + 3 and proc.poll() is None:
+        # a few steps past the first checkpoint, well before the second
+        while time.time() < deadline and line_count(metrics) < STEPS_PER_EPOCH + 2 and proc.poll() is None:
             time.sleep(0.005)
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -210,41 +210,45 @@ class _InfGrad(torch.autograd.Function):
         return g * float("inf")
 
 
-def _poison_call(monkeypatch, n, how):
+def _poison_call(monkeypatch, plan):
+    """plan {call number: 'inf' | 'nan' | 'inf-grad'} for the training forward calls."""
     original = MaskedAutoencoderViT.forward
     calls = {"n": 0}
 
     def forward(self, *args, **kwargs):
         loss, pred, mask = original(self, *args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == n:
-            loss = loss * float(how) if how in ("inf", "nan") else _InfGrad.apply(loss)
+        how = plan.get(calls["n"])
+        if how in ("inf", "nan"):
+            loss = loss * float(how)
+        elif how == "inf-grad":
+            loss = _InfGrad.apply(loss)
         return loss, pred, mask
 
     monkeypatch.setattr(MaskedAutoencoderViT, "forward", forward)
 
 
 @needs_fp16
-@pytest.mark.parametrize("how", ["inf", "nan", "inf-grad"])
-def test_fp16_skips_a_bad_step_and_goes_on(tmp_path, monkeypatch, how):
-    _poison_call(monkeypatch, 3, how)
-    summary = pretrain.main([*FP16, "--output-dir", str(tmp_path)])
+def test_fp16_skips_bad_steps_and_goes_on(tmp_path, monkeypatch):
+    """An inf loss (step 2), a NaN loss (step 4) and an inf gradient with a finite loss (step 6)."""
+    _poison_call(monkeypatch, {2: "inf", 4: "nan", 6: "inf-grad"})
+    summary = pretrain.main([*FP16, "--epochs", "2", "--output-dir", str(tmp_path)])
     log = rows(str(tmp_path))
-    assert [r["step"] for r in log] == [1, 2, 3, 4]  # every step counted, the run did not stop
-    assert [bool(r.get("skipped")) for r in log] == [False, False, True, False]
-    assert (not torch.isfinite(torch.tensor(log[2]["loss"]))) == (how != "inf-grad")
+    assert [r["step"] for r in log] == list(range(1, 9))  # every step counted, the run did not stop
+    assert [i + 1 for i, r in enumerate(log) if r.get("skipped")] == [2, 4, 6]
+    assert [i + 1 for i, r in enumerate(log) if not torch.isfinite(torch.tensor(r["loss"]))] == [2, 4]
     ckpt = read_checkpoint(summary["checkpoint"])
-    assert ckpt["scaler"]["scale"] == 2.0**15  # the initial 2**16 halved once
+    assert ckpt["scaler"]["scale"] == 2.0**13  # the initial 2**16 halved three times
     steps = {float(s["step"]) for s in ckpt["optimizer"]["state"].values()}
-    assert steps == {3.0}  # AdamW stepped 3 times out of 4
+    assert steps == {5.0}  # AdamW stepped 5 times out of 8
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    assert [h[0] for h in ckpt["history"]] == ([1, 2, 4] if how != "inf-grad" else [1, 2, 3, 4])
+    assert [h[0] for h in ckpt["history"]] == [1, 3, 5, 6, 7, 8]  # finite losses only
     assert summary["final_loss"] is not None and torch.isfinite(torch.tensor(summary["final_loss"]))
 
 
 @needs_fp16
 def test_fp16_bad_step_inside_an_accumulation_window_skips_the_window(tmp_path, monkeypatch):
-    _poison_call(monkeypatch, 1, "nan")
+    _poison_call(monkeypatch, {1: "nan"})
     summary = pretrain.main([*FP16, "--accum-iter", "2", "--output-dir", str(tmp_path)])
     log = rows(str(tmp_path))
     assert [r["step"] for r in log] == [1, 2, 3, 4]
@@ -256,10 +260,10 @@ def test_fp16_bad_step_inside_an_accumulation_window_skips_the_window(tmp_path, 
 @needs_fp16
 def test_fp16_run_resumes_exactly_after_a_skipped_step(tmp_path, monkeypatch):
     """Skipped steps still count, so a resume lands on the same batch and step numbers."""
-    _poison_call(monkeypatch, 2, "inf")
+    _poison_call(monkeypatch, {2: "inf"})
     args = [*FP16, "--epochs", "2", "--output-dir"]
     pretrain.main([*args, str(tmp_path / "straight")])
-    _poison_call(monkeypatch, 2, "inf")
+    _poison_call(monkeypatch, {2: "inf"})
     pretrain.main([*args, str(tmp_path / "split"), "--max-steps", "3"])
     monkeypatch.undo()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -339,8 +343,6 @@ def test_two_cli_runs_with_one_seed_are_bitwise_identical(tmp_path, straight):
     assert losses(str(tmp_path / "again")) == losses(straight)
     assert_same_state(str(tmp_path / "again" / f"checkpoint-{TOTAL}.pth"),
                       os.path.join(straight, f"checkpoint-{TOTAL}.pth"))
-    other = pretrain.main([*RUN, "--output-dir", str(tmp_path / "seed1"), "--seed", "1", "--max-steps", "2"])
-    assert losses(str(tmp_path / "seed1"))[:2] != losses(straight)[:2] and other["checkpoint"]
 
 
 @pytest.mark.gpu
@@ -437,12 +439,13 @@ def _measure(step, warmup, iters):
     return len(gc.get_objects()) - objs0, _rss_bytes() - rss0
 
 
-@pytest.mark.parametrize("interpret,iters", [("0", 200), ("1", 15)], ids=["fallback", "triton-interpreted"])
+@pytest.mark.parametrize("interpret,iters", [("0", 200), ("1", 10)], ids=["fallback", "triton-interpreted"])
 def test_ops_do_not_leak(interpret, iters):
     """Every op forward+backward, many times: no Python objects accumulate and RSS stays flat. The
     outputs and gradients of one iteration are ~2 MB (their autograd graphs more), so keeping one
-    iteration alive per step would grow RSS by > 400 MB over 200 iterations (> 30 MB over the 15
-    slow interpreted ones); the bounds are 24 / 12 MB of allocator noise."""
+    iteration alive per step would grow RSS by > 400 MB over 200 iterations (> 20 MB over the 10
+    slow interpreted ones); the bounds are 24 / 12 MB of allocator noise. The Python object count
+    catches a leaked autograd context or cache entry exactly."""
     os.environ["TRITON_INTERPRET"] = interpret
     inputs = _leak_inputs()
 
