@@ -524,7 +524,7 @@ def test_bf16_ops_on_gpu(spec, layout, seed, keep, norm_pix, ratio):
     removed = min(L, max(1, round(ratio * L)))
     mask = torch.zeros(B, L).scatter_(1, make_ids(gen, B, L, removed, torch.int64), 1.0).cuda()
     pred = torch.randn(B, L, P, generator=gen).to(dt).cuda().requires_grad_()
-    loss = ops.masked_mse_loss(pred, imgs.detach(), patch, mask=mask, norm_pix=norm_pix)
+    loss = ops.masked_mse_loss(pred, imgs.detach(), patch, mask=mask.to(dt), norm_pix=norm_pix)
     loss.backward()
     p64, pl = leaf(pred, torch.float64), leaf(pred)
     r64 = R.masked_mse_loss(p64, imgs.detach().double(), patch, mask=mask.double(), norm_pix_target=norm_pix)
