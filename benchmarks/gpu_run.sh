@@ -95,16 +95,21 @@ sys.exit(0 if ok else 1)
 EOF
 }
 
+bench_opts() {  # pytest-benchmark may be missing there: benchmarks/conftest.py then has a stand-in
+  python -c "import pytest_benchmark" 2>/dev/null && echo "--benchmark-columns=median,rounds"
+  return 0
+}
+
 bench_step() {
   # the suite skips what would not fit before its own deadline (the stage timeout is the backstop)
   MAE_FAST_BENCH_DEADLINE=$(( $(date +%s) + $1 - 10 )) \
     python -m pytest benchmarks/test_bench_step.py -q -p no:cacheprovider --bench-results "$RES/results.csv" \
-    --benchmark-columns=median,rounds
+    $(bench_opts)
 }
 
 bench_ops() {
   python -m pytest benchmarks/test_bench_patchify_loss.py benchmarks/test_bench_tokens.py -q -p no:cacheprovider \
-    --bench-results "$RES/results.csv" --benchmark-columns=median,rounds
+    --bench-results "$RES/results.csv" $(bench_opts)
 }
 
 gpu_name() { python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')" 2>/dev/null || echo NVIDIA; }
@@ -115,7 +120,7 @@ report() {
 }
 
 export ROOT RES LOGS
-export -f build verify bench_step bench_ops gpu_name report
+export -f build verify bench_opts bench_step bench_ops gpu_name report
 
 echo "mae_fast GPU run: $(date -u), budget ${BUDGET}s, run id $MAE_FAST_BENCH_DATE, commit ${MAE_FAST_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | head -3
@@ -123,7 +128,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 stage build 200 $(( BUDGET - 250 )) build
 stage info 40 $(( BUDGET - 230 )) verify
 if [ "${MAE_FAST_SKIP_TESTS:-0}" != 1 ]; then
-  stage gpu-tests 90 $(( BUDGET - 200 )) python -m pytest -m gpu tests/ -q -p no:cacheprovider
+  # a test module whose imports are missing there (hypothesis, transformers) must not stop the rest
+  stage gpu-tests 90 $(( BUDGET - 200 )) python -m pytest -m gpu tests/ -q -p no:cacheprovider \
+    --continue-on-collection-errors
 fi
 STEP_END=$(( BUDGET - 70 ))
 STEP_LIMIT=$(( STEP_END - $(elapsed) ))

@@ -278,8 +278,9 @@ def _initial_state(c: Case) -> dict:
         _STATE.clear()
         gc.collect()
         torch.manual_seed(0)
-        with torch.device(DEVICE):  # initialised where it runs: ViT-L on a CPU takes seconds
-            _STATE[c.name] = {k: v.detach().clone() for k, v in _fast_model(c).state_dict().items()}
+        with torch.device(DEVICE):  # initialised where it runs (ViT-L on a CPU takes seconds), kept
+            # on the host so that it is not part of any provider's peak device memory
+            _STATE[c.name] = {k: v.detach().to("cpu", copy=True) for k, v in _fast_model(c).state_dict().items()}
     return _STATE[c.name]
 
 
