@@ -323,7 +323,8 @@ def _build(c: Case, provider: str):
             raise PeerUnavailable(f"transformers is not installed ({e})") from None
         from mae_fast.hf import to_hf
 
-        model = to_hf(model, attn_implementation="sdpa").to(DEVICE).train()
+        with torch.device(DEVICE):  # the HF model initialises where it runs, then takes our weights
+            model = to_hf(model, attn_implementation="sdpa").to(DEVICE).train()
     net = torch.compile(model) if provider.endswith("_compiled") else model
     ratio = c.mask_ratio
     if c.api == "official":
@@ -434,7 +435,14 @@ def _make_step(case: Case, provider: str):
     return model, opt, opt_kind, step, flops
 
 
-def test_step(benchmark, case, provider, bench_record, bench_quick, ceiling):
+def _say(request, msg: str) -> None:
+    """Progress past pytest's capture: a device log shows how far a run got if it is cut short."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with (capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()):
+        print(msg, flush=True)
+
+
+def test_step(benchmark, case, provider, bench_record, bench_quick, ceiling, request):
     name = case.name
     benchmark.group = f"step-{name}"
     compiled = provider.endswith("_compiled")
@@ -493,6 +501,9 @@ def test_step(benchmark, case, provider, bench_record, bench_quick, ceiling):
     benchmark.extra_info.update(case=name, provider=provider, device=_device_name(), optimizer=f"AdamW ({opt_kind})",
                                 dtype="bf16 autocast" if CUDA else "fp32", ceiling=ceiling["label"], **metrics)
     _RESULTS[(name, provider)] = metrics
+    _say(request, f"\n[bench] {name} / {provider}: {metrics.get('images_per_s', float('nan')):,.1f} images/s, "
+                  f"peak {metrics.get('peak_mem_mb', float('nan')):,.0f} MB, first step {first_step_s:.1f} s, "
+                  f"{bench_record.seconds_left():.0f} s of budget left")
     del model, opt, step
     _cleanup(compiled)
 
