@@ -293,8 +293,11 @@ def chart(run, path: Path) -> bool:
     cases = [c for c in step_cases(run) if _providers(run, c)]
     if not cases:
         return False
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError as e:
+        print(f"[report] no chart: matplotlib is not installed ({e})", file=sys.stderr)
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

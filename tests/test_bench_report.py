@@ -84,6 +84,7 @@ def test_targets(results):
 
 
 def test_cli_writes_markdown_and_chart(results, tmp_path):
+    pytest.importorskip("matplotlib")
     md, png = tmp_path / "cpu.md", tmp_path / "cpu.png"
     assert report.main(["--csv", str(results), "--device", "CPU", "--md", str(md), "--png", str(png)]) == 0
     assert md.read_text().startswith("# mae_fast benchmarks: CPU Test (2 cores)")
