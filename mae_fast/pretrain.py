@@ -223,7 +223,9 @@ def train(args) -> dict:
 
     run = Run(args, model, optimizer, scaler, history, main_process)
     stop = {"signal": None}
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.__setitem__("signal", "SIGINT"))
+    # Ctrl-C and a scheduler's SIGTERM both finish the step, save a checkpoint and exit cleanly
+    previous = {sig: signal.signal(sig, lambda num, _: stop.__setitem__("signal", signal.Signals(num).name))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     steps_per_epoch = len(epoch_order(len(dataset), args.seed, 0, rank, world, args.batch_size)) // args.batch_size
     total = steps_per_epoch * args.epochs
     bar = None
@@ -288,7 +290,8 @@ def train(args) -> dict:
                 run.pictures(dataset, device, amp_dtype)
         return run.summary()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if bar is not None:
             bar.close()
         if world > 1:

@@ -7,6 +7,14 @@ import torch
 # before mae_fast (and so triton.jit) is imported; on a GPU machine the compiled kernels run.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # Triton fixes its builtins (tl.sum, ...) as interpreted or compiled when first imported; import
+    # it now, so a test that runs with TRITON_INTERPRET=0 cannot leave it compiled for later tests.
+    try:
+        import mae_fast.kernels.masked_mse_loss  # noqa: F401
+        import mae_fast.kernels.patchify  # noqa: F401
+    except ImportError:  # no Triton: the ops run their PyTorch fallbacks
+        pass
 
 
 def pytest_collection_modifyitems(config, items):

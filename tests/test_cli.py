@@ -62,7 +62,8 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
                                        "reconstruction.png"]
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_save_a_checkpoint_that_resumes(tmp_path, sig):
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "mae_fast.pretrain", *SMALL, "--epochs", "50", "--output-dir", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -70,10 +71,10 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
-    assert "interrupted (SIGINT): checkpoint saved" in stdout
+    assert f"interrupted ({sig.name}): checkpoint saved" in stdout
     done = read_checkpoint(pretrain.checkpoints_in(str(out))[-1])["next"]
     assert done["epoch"] * 4 + done["batch"] == len(losses(out))
 
