@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
 import os
 import sys
 import time

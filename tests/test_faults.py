@@ -26,26 +26,9 @@ import torch
 
 import mae_fast
 from mae_fast import ops, pretrain
-from mae_fast import reference as R
 from mae_fast.checkpoint import read_checkpoint
 from mae_fast.models_mae import MaskedAutoencoderViT
 
-
-def _import_triton_interpreted():
-    """Triton's own @jit helpers (tl.sum, ...) are fixed as interpreted or compiled when triton is
-    first imported. Tests here switch TRITON_INTERPRET to 0 (fallback) and back to 1; if triton were
-    first imported during a fallback test (torch imports it lazily), later interpreted kernels would
-    fail with "Cannot call @triton.jit'd outside of the scope of a kernel". So import it now, at
-    collection, while the conftest's TRITON_INTERPRET=1 holds."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        try:
-            import mae_fast.kernels.masked_mse_loss  # noqa: F401
-            import mae_fast.kernels.patchify  # noqa: F401
-        except ImportError:
-            pass
-
-
-_import_triton_interpreted()
 
 # 6 steps per epoch, 2 epochs: checkpoints at steps 6 and 12
 RUN = ["--model", "tiny", "--img-size", "16", "--batch-size", "8", "--samples-per-epoch", "48", "--epochs", "2",

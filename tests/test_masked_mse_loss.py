@@ -7,7 +7,6 @@ gradient) is NaN-poisoned first.
 """
 import importlib
 import math
-import os
 
 import pytest
 import torch
@@ -17,50 +16,7 @@ import mae_fast
 from mae_fast import reference as R
 
 P_ops = importlib.import_module("mae_fast.ops.patchify")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-SHAPES = [  # B, C, H, W, patch
-    (1, 3, 8, 12, 4),
-    (2, 1, 6, 10, 2),
-    (2, 4, 12, 8, (4, 2)),
-    (1, 13, 10, 6, 2),
-    (2, 3, 32, 48, 16),
-]
-LAYOUTS = ["contiguous", "channels_last", "strided"]
-
-
-def _nan_empty(*args, **kwargs):
-    t = torch.empty(*args, **kwargs)
-    return t.fill_(math.nan) if t.is_floating_point() else t.fill_(-12345)
-
-
-def _nan_empty_like(t, **kwargs):
-    out = torch.empty_like(t, **kwargs)
-    return out.fill_(math.nan) if out.is_floating_point() else out.fill_(-12345)
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    pytest.importorskip("triton")
-    from mae_fast.kernels import masked_mse_loss as kl
-    from mae_fast.kernels import patchify as kp
-
-    monkeypatch.setattr(kl, "empty", _nan_empty)
-    monkeypatch.setattr(kp, "empty", _nan_empty)
-    monkeypatch.setattr(kp, "empty_like", _nan_empty_like)
-
-
-def pair(p):
-    return tuple(p) if isinstance(p, tuple) else (p, p)
-
-
-def make_imgs(B, C, H, W, layout="contiguous", dtype=torch.float32, device="cpu"):
-    if layout == "contiguous":
-        return torch.randn(B, C, H, W, dtype=dtype, device=device)
-    if layout == "channels_last":
-        return torch.randn(B, C, H, W, dtype=dtype, device=device).to(memory_format=torch.channels_last)
-    big = torch.randn(B, C + 1, H + 2, 2 * W, dtype=dtype, device=device)
-    return big[:, 1:, 1:H + 1, ::2]
+from _triton_ops import INTERPRET, LAYOUTS, SHAPES, make_imgs, pair, poison  # noqa: F401 (poison: autouse)
 
 
 def make_pred(B, R_, P, layout, dtype=torch.float32, device="cpu"):

@@ -6,8 +6,6 @@ switched off, and float64 (gradcheck) always takes the fallback. Every buffer th
 is NaN-poisoned first (see the autouse fixture), so an element left unwritten fails.
 """
 import importlib
-import math
-import os
 
 import pytest
 import torch
@@ -17,57 +15,7 @@ from mae_fast import reference as R
 
 P_ops = importlib.import_module("mae_fast.ops.patchify")  # the module; mae_fast.ops.patchify is the function
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-# B, C, H, W, patch_size: batch 1, C in {1, 3, 4, 13}, H != W, patch 2..16, rectangular patch,
-# L not a power of two.
-SHAPES = [
-    (1, 3, 8, 12, 4),
-    (2, 1, 6, 10, 2),
-    (2, 4, 12, 8, (4, 2)),
-    (1, 13, 10, 6, 2),
-    (2, 3, 32, 48, 16),
-]
-LAYOUTS = ["contiguous", "channels_last", "strided"]
-
-
-def _nan_empty(*args, **kwargs):
-    t = torch.empty(*args, **kwargs)
-    return t.fill_(math.nan) if t.is_floating_point() else t.fill_(-12345)
-
-
-def _nan_empty_like(t, **kwargs):
-    out = torch.empty_like(t, **kwargs)
-    return out.fill_(math.nan) if out.is_floating_point() else out.fill_(-12345)
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    """Every output the Triton launchers allocate starts as NaN."""
-    triton = pytest.importorskip("triton")  # noqa: F841
-    from mae_fast.kernels import masked_mse_loss as kl
-    from mae_fast.kernels import patchify as kp
-
-    monkeypatch.setattr(kp, "empty", _nan_empty)
-    monkeypatch.setattr(kp, "empty_like", _nan_empty_like)
-    monkeypatch.setattr(kl, "empty", _nan_empty)
-
-
-def pair(p):
-    return tuple(p) if isinstance(p, tuple) else (p, p)
-
-
-def make_imgs(B, C, H, W, layout="contiguous", dtype=torch.float32, device="cpu"):
-    if layout == "contiguous":
-        return torch.randn(B, C, H, W, dtype=dtype, device=device)
-    if layout == "channels_last":
-        return torch.randn(B, C, H, W, dtype=dtype, device=device).to(memory_format=torch.channels_last)
-    if layout == "strided":  # a view that is neither contiguous nor dense
-        big = torch.randn(B, C + 1, H + 2, 2 * W, dtype=dtype, device=device)
-        x = big[:, 1:, 1:H + 1, ::2]
-        assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
-        return x
-    raise ValueError(layout)
+from _triton_ops import INTERPRET, LAYOUTS, SHAPES, make_imgs, pair, poison  # noqa: F401 (poison: autouse)
 
 
 def num_patches(H, W, patch):

@@ -242,6 +242,7 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor, *, validate: bool = False)
     _check_tensor(x, "x")
     if x.dim() != 3:
         raise ValueError(f"x must have shape (B, L, D), got {tuple(x.shape)}")
+    _check_float(x, "x")
     _check_index(ids, "ids", x.shape[0], None, "")
     _check_device(x, ids, "ids")
     return torch.ops.mae_fast.tokens_gather(x, ids, bool(validate))
@@ -273,7 +274,7 @@ def unshuffle_tokens(visible: torch.Tensor, ids_keep: torch.Tensor, num_patches:
     _check_device(visible, ids_keep, "ids_keep")
     N = _as_int(num_patches, "num_patches")
     if not K <= N < 2**31:
-        raise ValueError(f"num_patches must be >= K = {K} (the number of visible tokens), got {N}")
+        raise ValueError(f"num_patches must be >= K = {K} (the number of visible tokens) and < 2**31, got {N}")
     _check_tensor(mask_token, "mask_token")
     _check_float(mask_token, "mask_token")
     if tuple(mask_token.shape) not in ((D,), (1, D), (1, 1, D)):
