@@ -265,3 +265,29 @@ def pytest_sessionfinish(session, exitstatus):
         tr.write_line(msg)
     else:
         print(msg)
+
+
+@pytest.fixture
+def median_op_seconds():
+    """measure(benchmark, fn) -> median seconds of one call after warm-up (compilation,
+    autotuning, allocator): triton.testing.do_bench on CUDA, plus synchronised pytest-benchmark
+    rounds for its table; pytest-benchmark rounds on CPU."""
+
+    def measure(benchmark, fn):
+        for _ in range(3):
+            fn()
+        if not torch.cuda.is_available():
+            benchmark.pedantic(fn, rounds=10, iterations=1, warmup_rounds=1)
+            return benchmark.stats.stats.median
+        import triton.testing
+
+        torch.cuda.synchronize()
+        sec = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
+
+        def synchronised():
+            fn()
+            torch.cuda.synchronize()
+        benchmark.pedantic(synchronised, rounds=50, iterations=1, warmup_rounds=2)
+        return sec
+
+    return measure

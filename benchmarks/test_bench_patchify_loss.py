@@ -130,7 +130,7 @@ def _fn(op, impl, mode, x):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("op", OPS)
-def test_bench(benchmark, op, impl, mode, dtype):
+def test_bench(benchmark, median_op_seconds, op, impl, mode, dtype):
     if not CUDA and impl == "compiled" and not CPU_COMPILE_ALL and not (op == "loss_mask" and mode == "fwd_bwd"):
         pytest.skip("compiled baseline on CPU only for loss_mask fwd_bwd (MAE_FAST_BENCH_COMPILE_ALL=1 for all)")
     x = _inputs(op, dtype)
@@ -138,21 +138,7 @@ def test_bench(benchmark, op, impl, mode, dtype):
     nbytes = x["fwd_bytes"] + (x["bwd_bytes"] if mode == "fwd_bwd" else 0)
     case = f"{op}-{mode}-{str(dtype).split('.')[-1]}"
     benchmark.group = case
-    for _ in range(3):  # warm-up: compilation, autotuning, allocator
-        fn()
-    if CUDA:
-        import triton.testing
-
-        torch.cuda.synchronize()
-        sec = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
-
-        def run():
-            fn()
-            torch.cuda.synchronize()
-        benchmark.pedantic(run, rounds=50, iterations=1, warmup_rounds=2)
-    else:
-        benchmark.pedantic(fn, rounds=10, iterations=1, warmup_rounds=1)
-        sec = benchmark.stats.stats.median
+    sec = median_op_seconds(benchmark, fn)
     _RESULTS[(case, impl)] = (sec, nbytes)
     benchmark.extra_info.update(
         device=_device_name(), shape=list(SHAPE), bytes=nbytes, median_s=sec, gbps=nbytes / sec / 1e9,

@@ -139,7 +139,7 @@ def _setup(op, B, D, dtype):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("op", OPS)
-def test_bench(benchmark, op, impl, mode, case):
+def test_bench(benchmark, median_op_seconds, op, impl, mode, case):
     if not CUDA and impl == "compiled" and not CPU_COMPILE_ALL:
         pytest.skip("compiled baselines on CPU only with MAE_FAST_BENCH_COMPILE_ALL=1")
     B, D, dtype = case
@@ -159,21 +159,7 @@ def test_bench(benchmark, op, impl, mode, case):
         nbytes = fwd_bytes + bwd_bytes
     name = f"{op}-{mode}-B{B}-D{D}-{str(dtype).split('.')[-1]}"
     benchmark.group = name
-    for _ in range(3):  # warm-up: compilation, allocator
-        fn()
-    if CUDA:
-        import triton.testing
-
-        torch.cuda.synchronize()
-        sec = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
-
-        def run():
-            fn()
-            torch.cuda.synchronize()
-        benchmark.pedantic(run, rounds=50, iterations=1, warmup_rounds=2)
-    else:
-        benchmark.pedantic(fn, rounds=10, iterations=1, warmup_rounds=1)
-        sec = benchmark.stats.stats.median
+    sec = median_op_seconds(benchmark, fn)
     _RESULTS[(name, impl)] = (sec, nbytes)
     benchmark.extra_info.update(device=_device_name(), B=B, L=L, D=D, dtype=str(dtype), bytes=nbytes, median_s=sec,
                                 gbps=nbytes / sec / 1e9,
