@@ -252,7 +252,7 @@ def train(args) -> dict:
                 imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss, _, _ = net(imgs, args.mask_ratio, noise, return_pred=False)
-                loss_value = reduce_mean(loss.detach(), world)
+                loss_value, stopping = reduce_step(loss.detach(), bool(stop["signal"]), world)
                 if not math.isfinite(loss_value) and precision != "fp16":
                     raise FloatingPointError(
                         f"loss is {loss_value} at step {step} (epoch {epoch}, batch {b}); stopping. "
@@ -279,12 +279,13 @@ def train(args) -> dict:
                     bar.set_postfix(epoch=epoch, loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                                     img_s=f"{images_per_s:.0f}")
                 at_end = b + 1 == steps_per_epoch
-                if stop["signal"] or (args.max_steps and step >= args.max_steps):
+                if stopping or (args.max_steps and step >= args.max_steps):
                     nxt = {"epoch": epoch + 1, "batch": 0} if at_end else {"epoch": epoch, "batch": b + 1}
                     run.checkpoint(epoch, nxt, step)
-                    if stop["signal"] and main_process:
-                        print(f"\ninterrupted ({stop['signal']}): checkpoint saved; continue with --resume auto")
-                    return run.summary(interrupted=bool(stop["signal"]))
+                    if stopping and main_process:
+                        print(f"\ninterrupted ({stop['signal'] or 'a signal on another rank'}): "
+                              "checkpoint saved; continue with --resume auto")
+                    return run.summary(interrupted=stopping)
             run.checkpoint(epoch, {"epoch": epoch + 1, "batch": 0}, step)
             if main_process and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
                 run.pictures(dataset, device, amp_dtype)
@@ -298,12 +299,15 @@ def train(args) -> dict:
             dist.destroy_process_group()
 
 
-def reduce_mean(value: torch.Tensor, world: int) -> float:
-    if world > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= world
-    return value.item()
+def reduce_step(loss: torch.Tensor, signalled: bool, world: int) -> tuple[float, bool]:
+    """The mean loss over the processes and whether any of them was signalled, in one all_reduce:
+    every rank then stops at the same step (a rank leaving alone would hang the others)."""
+    if world == 1:
+        return loss.item(), signalled
+    both = torch.stack([loss.float(), torch.tensor(float(signalled), device=loss.device)])
+    dist.all_reduce(both)
+    mean_loss, flags = both.tolist()
+    return mean_loss / world, flags > 0
 
 
 def load_resume(path, model, optimizer, scaler) -> dict:

@@ -95,6 +95,42 @@ def test_two_process_gloo_run_matches_one_process_with_the_same_global_batch(tmp
     assert len(os.listdir(ddp)) == len(os.listdir(single))  # rank 0 alone writes
 
 
+def _children_by_rank(parent_pid):
+    """{RANK: pid} of the worker processes torchrun started (read from /proc)."""
+    ranks = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if ppid == parent_pid and b"RANK" in env:
+            ranks[int(env[b"RANK"])] = int(entry)
+    return ranks
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    out = tmp_path / "ddp-signal"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29534", "-m", "mae_fast.pretrain", *SMALL, "--epochs", "50", "--output-dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    os.kill(_children_by_rank(proc.pid)[1], signal.SIGINT)  # rank 1 only: rank 0 must hear of it
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "interrupted (a signal on another rank): checkpoint saved" in stdout
+    done = read_checkpoint(pretrain.checkpoints_in(str(out))[-1])["next"]
+    assert done["epoch"] * 2 + done["batch"] == len(losses(out))  # 2 global batches of 2 x 8 per epoch
+
+
 @pytest.mark.slow
 def test_pretrained_encoder_beats_random_init_on_the_probe(tmp_path, capsys):
     # 96 steps with a higher lr than the official blr (tuned for 800 epochs); seeds 1-3 gave
