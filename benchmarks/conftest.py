@@ -20,6 +20,7 @@ bounds the step suite, which skips what would not fit, with the reason.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import math
@@ -291,3 +292,24 @@ def median_op_seconds():
         return sec
 
     return measure
+
+
+@pytest.fixture(scope="module")
+def print_op_table(request):
+    """show(title, results) prints {(case, impl): (seconds, bytes)} as a table past pytest's
+    capture: median, counted GB/s and the speedup over the same case's eager row."""
+
+    def show(title, results):
+        if not results:
+            return
+        width = max(len(case) for case, _ in results) + 2
+        lines = ["", title, f"{'case':{width}s} {'impl':9s} {'median us':>10s} {'GB/s':>8s} {'vs eager':>9s}"]
+        for (case, impl), (sec, nbytes) in sorted(results.items()):
+            eager = results.get((case, "eager"), (None,))[0]
+            speed = f"{eager / sec:8.2f}x" if eager else ""
+            lines.append(f"{case:{width}s} {impl:9s} {sec * 1e6:10.1f} {nbytes / sec / 1e9:8.1f} {speed:>9s}")
+        capture = request.config.pluginmanager.getplugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            print("\n".join(lines))
+
+    return show

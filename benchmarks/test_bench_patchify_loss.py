@@ -37,7 +37,7 @@ _RESULTS = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _no_interpreter_and_summary(request):
+def _no_interpreter_and_summary(print_op_table):
     old, threads = os.environ.get("TRITON_INTERPRET"), torch.get_num_threads()
     if not CUDA:
         os.environ["TRITON_INTERPRET"] = "0"  # CPU: the vectorised fallback, not the (slow) interpreter
@@ -48,20 +48,7 @@ def _no_interpreter_and_summary(request):
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = old
-    if not _RESULTS:
-        return
-    lines = ["", f"patchify/loss benchmarks on {_device_name()}, torch {torch.__version__}, shape {SHAPE}",
-             f"{'case':34s} {'impl':9s} {'median us':>10s} {'GB/s':>8s} {'vs eager':>9s}"]
-    for (case, impl), (sec, nbytes) in sorted(_RESULTS.items()):
-        eager = _RESULTS.get((case, "eager"), (None,))[0]
-        speed = f"{eager / sec:8.2f}x" if eager else ""
-        lines.append(f"{case:34s} {impl:9s} {sec * 1e6:10.1f} {nbytes / sec / 1e9:8.1f} {speed:>9s}")
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    if capture is not None:
-        with capture.global_and_fixture_disabled():
-            print("\n".join(lines))
-    else:
-        print("\n".join(lines))
+    print_op_table(f"patchify/loss benchmarks on {_device_name()}, torch {torch.__version__}, shape {SHAPE}", _RESULTS)
 
 
 def _device_name():

@@ -50,26 +50,14 @@ def _device_name():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _setup_and_summary(request):
+def _setup_and_summary(print_op_table):
     threads = torch.get_num_threads()
     if not CUDA:
         torch.set_num_threads(1)  # a shared 2-core box: multi-thread medians are noise
     yield
     torch.set_num_threads(threads)
-    if not _RESULTS:
-        return
-    lines = ["", f"token benchmarks on {_device_name()}, torch {torch.__version__}, L={L}, K={int(L * (1 - RATIO))}",
-             f"{'case':40s} {'impl':9s} {'median us':>10s} {'GB/s':>8s} {'vs eager':>9s}"]
-    for (case, impl), (sec, nbytes) in sorted(_RESULTS.items()):
-        eager = _RESULTS.get((case, "eager"), (None,))[0]
-        speed = f"{eager / sec:8.2f}x" if eager else ""
-        lines.append(f"{case:40s} {impl:9s} {sec * 1e6:10.1f} {nbytes / sec / 1e9:8.1f} {speed:>9s}")
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    if capture is not None:
-        with capture.global_and_fixture_disabled():
-            print("\n".join(lines))
-    else:
-        print("\n".join(lines))
+    print_op_table(f"token benchmarks on {_device_name()}, torch {torch.__version__}, L={L}, K={int(L * (1 - RATIO))}",
+                   _RESULTS)
 
 
 def _setup(op, B, D, dtype):
