@@ -14,7 +14,6 @@ Profiles (tests/_hypothesis.py): "ci" (default: few derandomized examples, the w
 3 minutes on 2 cores) and "dev" (HYPOTHESIS_PROFILE=dev, many random examples).
 """
 import contextlib
-import math
 import os
 from unittest import mock
 
@@ -28,19 +27,10 @@ from mae_fast import reference as R
 from mae_fast.ops import tokens as tok
 
 from _hypothesis import FUZZ, scaled
+from _triton_ops import _nan_empty, _nan_empty_like
 
 
 # ----------------------------------------------------------------------------- dispatch path + poison
-
-
-def _nan_empty(*args, **kwargs):
-    t = torch.empty(*args, **kwargs)
-    return t.fill_(math.nan) if t.is_floating_point() else t.fill_(-12345)
-
-
-def _nan_empty_like(t, **kwargs):
-    out = torch.empty_like(t, **kwargs)
-    return out.fill_(math.nan) if out.is_floating_point() else out.fill_(-12345)
 
 
 @contextlib.contextmanager
