@@ -1,0 +1,129 @@
+"""Where a training step's time goes: torch.profiler over a few steps of a benchmark case, kernels
+grouped into categories (matmul, attention, layer norm, elementwise, optimizer, mae_fast's ops...).
+
+On CUDA it also gives the GPU-busy fraction (kernel time / wall time): near 100% means launch
+overhead is hidden and CUDA graphs cannot help; lower means the host is the bottleneck. On CPU the
+categories are aten ops' self time (a smoke run: the harness stays alive in CI).
+
+    python -m benchmarks.profile_step --case official-vit_b16 --providers mae_fast,reference --out prof.md
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import test_bench_step as S  # noqa: E402
+
+# first match wins; matched against the lower-cased kernel (CUDA) or aten op (CPU) name
+CATEGORIES = [
+    ("mae_fast ops", r"patchify|masked_mse|unshuffle|gather_tokens|add_layer_norm|mae_fast"),
+    ("attention", r"flash|fmha|attention|sdpa|softmax|mha"),
+    ("matmul", r"gemm|gemv|cutlass|xmma|nvjet|cublas|aten::(mm|addmm|bmm|baddbmm)\b"),
+    ("layer norm", r"layer_norm|layernorm"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("inductor fused", r"^triton_"),
+    ("copy / cast", r"copy|cast|to_copy|contiguous|fill|zero|cat"),
+    ("reduction", r"reduce|sum|mean"),
+    ("elementwise", r"elementwise|vectorized|gelu|add|mul|div|sub|pow|sqrt|where"),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, pat in CATEGORIES if re.search(pat, low)), "other")
+
+
+def profile_provider(case, provider: str, steps: int, warmup: int) -> dict:
+    """Profiles `steps` training steps after `warmup`; returns per-step times by kernel / op name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, opt, _, step, _ = S._make_step(case, provider)
+    for _ in range(warmup):
+        step()
+    S._sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if S.CUDA else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        S._sync()
+        wall = (time.perf_counter() - t0) / steps
+    times = defaultdict(float)
+    for e in prof.key_averages():
+        if S.CUDA:  # kernels carry device time; the aten ops above them carry none of their own
+            us = getattr(e, "self_device_time_total", None)
+            us = e.self_cuda_time_total if us is None else us
+        else:
+            us = e.self_cpu_time_total if e.key.startswith("aten::") else 0.0
+        if us > 0:
+            times[e.key] += us * 1e-6 / steps
+    del model, opt, step
+    S._cleanup(provider.endswith("_compiled"))
+    return dict(wall=wall, times=dict(times))
+
+
+def render(case, results: dict, top: int = 8) -> str:
+    unit = "kernel" if S.CUDA else "aten op (self CPU time)"
+    lines = [f"### Profile: {case.name}, batch {case.batch}, {S._device_name()}, torch {torch.__version__}", ""]
+    for provider, r in results.items():
+        busy = sum(r["times"].values())
+        by_cat = defaultdict(float)
+        for name, t in r["times"].items():
+            by_cat[category(name)] += t
+        lines += [f"**{provider}**: {r['wall'] * 1e3:.2f} ms/step wall, {busy * 1e3:.2f} ms/step in {unit}s"
+                  + (f" (GPU busy {busy / r['wall']:.0%})" if S.CUDA else ""), "",
+                  "| category | ms/step | share |", "|---|---:|---:|"]
+        lines += [f"| {cat} | {t * 1e3:.2f} | {t / busy:.1%} |"
+                  for cat, t in sorted(by_cat.items(), key=lambda kv: -kv[1])]
+        lines += ["", f"top {top} {unit}s:", ""]
+        lines += [f"- {t * 1e3:7.2f} ms  [{category(n)}] {n[:110]}"
+                  for n, t in sorted(r["times"].items(), key=lambda kv: -kv[1])[:top]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cases = {c.name: c for c in S.GPU_CASES + S.CPU_CASES + S.QUICK_CASES}
+    p.add_argument("--case", default="official-vit_b16" if S.CUDA else "official-tiny", choices=sorted(cases))
+    p.add_argument("--providers", default="mae_fast,reference",
+                   help="comma-separated providers of benchmarks/test_bench_step.py")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", type=Path, help="also write the markdown here")
+    args = p.parse_args(argv)
+    case = cases[args.case]
+    providers = [x for x in args.providers.split(",") if x]
+    unknown = [x for x in providers if x not in S.PROVIDERS[case.api]]
+    if unknown:
+        p.error(f"--providers: {unknown} not among {S.PROVIDERS[case.api]} for the {case.api} API")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if S.CUDA else [])):
+        torch.ones(8).sum()  # the profiler's one-time start-up would otherwise land on the first provider
+    results = {}
+    for provider in providers:
+        try:
+            results[provider] = profile_provider(case, provider, args.steps, args.warmup)
+        except S.PeerUnavailable as e:
+            print(f"{provider}: skipped ({e})")
+    text = render(case, results)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
