@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU run: build the extension, print mae_fast.info, run `pytest -m gpu tests/`, run the GPU
-# benchmarks (training step first, then the fused ops), write results + markdown + chart under
+# benchmarks (training step first, then a profile of the ViT-B/16 step by kernel category
+# (gpu_logs/profile.md), then the fused ops), write results + markdown + chart under
 # benchmarks/results/, and print a short summary table last. Sized for one H200 in < 8 minutes,
 # no network. Every stage has a timeout; a failed or timed-out stage is reported and the later
 # stages still run (pytest is stopped with SIGINT, so the rows measured so far are still written).
@@ -108,8 +109,13 @@ bench_step() {
 }
 
 bench_ops() {
-  python -m pytest benchmarks/test_bench_patchify_loss.py benchmarks/test_bench_tokens.py -q -p no:cacheprovider \
+  python -m pytest $(ls benchmarks/test_bench_*.py | grep -v test_bench_step.py) -q -p no:cacheprovider \
     --bench-results "$RES/results.csv" $(bench_opts)
+}
+
+profile() {  # where the ViT-B/16 step's time goes, by kernel category, and the GPU-busy fraction
+  python -m benchmarks.profile_step --case official-vit_b16 --providers mae_fast,reference --steps 5 \
+    --out "$LOGS/profile.md"
 }
 
 gpu_name() { python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')" 2>/dev/null || echo NVIDIA; }
@@ -120,7 +126,7 @@ report() {
 }
 
 export ROOT RES LOGS
-export -f build verify bench_opts bench_step bench_ops gpu_name report
+export -f build verify bench_opts bench_step profile bench_ops gpu_name report
 
 echo "mae_fast GPU run: $(date -u), budget ${BUDGET}s, run id $MAE_FAST_BENCH_DATE, commit ${MAE_FAST_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | head -3
@@ -132,9 +138,10 @@ if [ "${MAE_FAST_SKIP_TESTS:-0}" != 1 ]; then
   stage gpu-tests 90 $(( BUDGET - 200 )) python -m pytest -m gpu tests/ -q -p no:cacheprovider \
     --continue-on-collection-errors
 fi
-STEP_END=$(( BUDGET - 70 ))
+STEP_END=$(( BUDGET - 110 ))
 STEP_LIMIT=$(( STEP_END - $(elapsed) ))
 stage bench-step "$STEP_LIMIT" "$STEP_END" bench_step "$STEP_LIMIT"
+stage profile 45 $(( BUDGET - 70 )) profile
 stage bench-ops 120 $(( BUDGET - 25 )) bench_ops
 stage report 30 "$BUDGET" report
 

@@ -10,6 +10,7 @@ categories are aten ops' self time (a smoke run: the harness stays alive in CI).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -112,11 +113,19 @@ def main(argv=None) -> int:
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if S.CUDA else [])):
         torch.ones(8).sum()  # the profiler's one-time start-up would otherwise land on the first provider
     results = {}
-    for provider in providers:
-        try:
-            results[provider] = profile_provider(case, provider, args.steps, args.warmup)
-        except S.PeerUnavailable as e:
-            print(f"{provider}: skipped ({e})")
+    old_interp = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # CPU: the ops' PyTorch fallbacks, as the step benchmark runs them
+    try:
+        for provider in providers:
+            try:
+                results[provider] = profile_provider(case, provider, args.steps, args.warmup)
+            except S.PeerUnavailable as e:
+                print(f"{provider}: skipped ({e})")
+    finally:
+        if old_interp is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = old_interp
     text = render(case, results)
     print(text)
     if args.out:
