@@ -370,8 +370,17 @@ class MAE(nn.Module):
         return masked_mse_loss(pred, img, patch_size, ids=masked, norm_pix_target=self.norm_pix_loss)
 
 
+# ----------------------------------------------------------------------------- pre-norm residual step
+
+def add_layer_norm(x, delta, weight, bias, eps, out_dtype=None):
+    """r = x + delta; n = layer_norm(r) over the last dim, cast to out_dtype (default r's dtype)."""
+    r = x + delta
+    n = F.layer_norm(r, (r.shape[-1],), weight, bias, eps)
+    return r, n if out_dtype is None else n.to(out_dtype)
+
+
 __all__ = [
     "patchify", "unpatchify", "norm_pix", "gather_tokens", "patchify_gather", "masked_mse_loss",
     "unshuffle_tokens", "random_masking", "seed_masking", "pos_embed_2d", "attention",
-    "MaskedAutoencoderViT", "ViT", "MAE",
+    "MaskedAutoencoderViT", "ViT", "MAE", "add_layer_norm",
 ]
