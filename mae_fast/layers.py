@@ -3,12 +3,19 @@
 The fused qkv projection is viewed as (B, N, 3, heads, d) and permuted, never copied: SDPA takes
 q, k, v with a unit last stride, and the flash kernel's output transposes back to (B, N, D) as a
 view.
+
+Stacks of pre-norm blocks run through `run_blocks`: every residual add is fused with the LayerNorm
+that reads its result (mae_fast.ops.add_layer_norm), one memory pass instead of add, norm and
+autocast's cast. The state-dict keys stay timm's.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .ops.add_layer_norm import add_layer_norm
+from .ops.patchify import triton_kernels
 
 
 def split_heads(qkv: torch.Tensor, heads: int):
@@ -63,5 +70,36 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        return run_blocks([self], x)
+
+
+def _fuses(x: torch.Tensor, norm: nn.Module) -> bool:
+    """The fused add + LayerNorm runs where it is a Triton kernel (CUDA; CPU under the interpreter)
+    and not while torch.compile traces: inductor fuses add and norm itself, with their neighbours."""
+    return (type(norm) is nn.LayerNorm and norm.weight is not None and len(norm.normalized_shape) == 1
+            and not torch.compiler.is_compiling() and triton_kernels("add_layer_norm", x) is not None)
+
+
+def add_norm(x: torch.Tensor, delta, norm: nn.Module, feeds_linear: bool = True):
+    """(x + delta, norm(x + delta)); delta None: (x, norm(x)). With feeds_linear, under autocast the
+    normed output comes in the autocast dtype, the cast the next Linear would make anyway."""
+    if delta is None or not _fuses(x, norm):
+        x = x if delta is None else x + delta
+        return x, norm(x)
+    out_dtype = None
+    if feeds_linear and torch.is_autocast_enabled(x.device.type):
+        out_dtype = torch.get_autocast_dtype(x.device.type)
+    return add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps, out_dtype=out_dtype)
+
+
+def run_blocks(blocks, x: torch.Tensor, final_norm: nn.Module = None) -> torch.Tensor:
+    """x through pre-norm Blocks, then final_norm (if given): each block's two residual adds fused
+    with the norm after them (the next block's norm1, or final_norm), as `blk(x)` in turn computes."""
+    pending = None  # the last block's MLP output, not yet added to x
+    for blk in blocks:
+        x, h = add_norm(x, pending, blk.norm1)
+        x, h = add_norm(x, blk.attn(h), blk.norm2)
+        pending = blk.mlp(h)
+    if final_norm is not None:
+        return add_norm(x, pending, final_norm, feeds_linear=False)[1]
+    return x if pending is None else x + pending

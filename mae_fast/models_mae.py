@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .layers import Block
+from .layers import Block, run_blocks
 from .masking import random_masking
 from .reference import pair, pos_embed_2d
 
@@ -140,9 +140,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = x + self.pos_embed[0, 1:][ids]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        return run_blocks(self.blocks, x, self.norm)
 
     def forward_features(self, imgs):
         """Encoder tokens of the whole image, unmasked: (B, 1 + L, D), as a fine-tuned ViT sees it."""
@@ -157,9 +155,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = x.to(torch.promote_types(x.dtype, self.decoder_pos_embed.dtype))
         x = ops.unshuffle_tokens(x, ids_keep, self.num_patches, self.mask_token, self.decoder_pos_embed,
                                  num_prefix=1)
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        return x
+        return run_blocks(self.decoder_blocks, x)
 
     def forward(self, imgs, mask_ratio=None, noise=None, *, return_pred: bool = True):
         """Returns (loss, pred, mask) as the official model; mask_ratio defaults to 0.75 (or the

@@ -1,11 +1,13 @@
 """The seed's ViT (vit-pytorch's API and state-dict keys) on SDPA and the fused patchify op."""
 from __future__ import annotations
 
+from itertools import islice
+
 import torch
 from torch import nn
 
 from . import ops
-from .layers import attend
+from .layers import add_norm, attend
 from .reference import pair
 
 
@@ -70,17 +72,28 @@ class Transformer(nn.Module):
 
 def attention_forward(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """vit-pytorch Attention semantics on SDPA; works on vit_pytorch's own modules too."""
+    return _attend_normed(attn, attn.norm(x))
+
+
+def _attend_normed(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """attention_forward after its LayerNorm."""
     p = attn.dropout.p if attn.training else 0.0
-    return attn.to_out(attend(attn.to_qkv(attn.norm(x)), attn.heads, p))
+    return attn.to_out(attend(attn.to_qkv(h), attn.heads, p))
 
 
 def transformer_forward(transformer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Runs a vit-pytorch-shaped Transformer (ours or vit_pytorch's) with SDPA attention, so a
-    vit_pytorch.ViT encoder handed to mae_fast.MAE gets the fast path while training in place."""
+    vit_pytorch.ViT encoder handed to mae_fast.MAE gets the fast path while training in place.
+    Each residual add is fused with the LayerNorm after it (Attention.norm, FeedForward.net[0],
+    the final norm), as in mae_fast.layers.run_blocks."""
+    pending = None  # the last FeedForward's output, not yet added to x
     for attn, ff in transformer.layers:
-        x = attention_forward(attn, x) + x
-        x = ff(x) + x
-    return transformer.norm(x)
+        x, h = add_norm(x, pending, attn.norm)
+        x, h = add_norm(x, _attend_normed(attn, h), ff.net[0])
+        for layer in islice(ff.net, 1, None):  # after its LayerNorm
+            h = layer(h)
+        pending = h
+    return add_norm(x, pending, transformer.norm, feeds_linear=False)[1]
 
 
 class ViT(nn.Module):

@@ -1,9 +1,13 @@
 """Both model APIs against the eager reference, vit-pytorch, torch.compile, autocast, bad input."""
+import os
+
 import pytest
 import torch
 
 import mae_fast
 from mae_fast import reference as ref
+
+INTERPRET_OR_CUDA = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
 OFFICIAL = dict(img_size=(16, 24), patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=4,
                 decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -223,6 +227,67 @@ def test_autocast_runs_and_stays_finite(dtype):
     assert torch.isfinite(seed.mask_token.grad).all() and torch.isfinite(fast.mask_token.grad).all()
 
 
+def _count_fused_add_norms(monkeypatch):
+    import mae_fast.layers as layers
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("out_dtype"))
+        return real(*args, **kwargs)
+
+    real = layers.add_layer_norm
+    monkeypatch.setattr(layers, "add_layer_norm", counting)
+    return calls
+
+
+@pytest.mark.skipif(not INTERPRET_OR_CUDA, reason="the fused add + norm runs only as a Triton kernel")
+def test_blocks_fuse_every_residual_add_into_the_next_norm(monkeypatch):
+    """Every residual add but the decoder's last is fused with the norm after it (the parity tests
+    above then cover the fused kernel inside the models)."""
+    calls = _count_fused_add_norms(monkeypatch)
+    fast, _ = official_pair()
+    fast(torch.randn(2, 3, 16, 24))
+    enc, dec = OFFICIAL["depth"], OFFICIAL["decoder_depth"]
+    assert len(calls) == 2 * enc + (2 * dec - 1)  # the decoder's last add precedes the row gather
+    calls.clear()
+    seed, _ = seed_pair()
+    seed(torch.randn(2, 3, 16, 24))
+    assert len(calls) == 2 * SEED_VIT["depth"] + 2 * SEED_MAE["decoder_depth"]
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast(torch.randn(2, 3, 16, 24))
+    # norms that feed a Linear emit the autocast dtype; the encoder's final norm (the latent) does not
+    assert calls == [torch.bfloat16] * (2 * enc - 1) + [None] + [torch.bfloat16] * (2 * dec - 1)
+
+
+@pytest.mark.skipif(not INTERPRET_OR_CUDA, reason="the fused add + norm runs only as a Triton kernel")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_add_norm_matches_unfused_under_autocast(monkeypatch, dtype, device):
+    import mae_fast.layers as layers
+
+    fast, _ = official_pair(norm_pix_loss=True)
+    seed, _ = seed_pair()
+    fast, seed = fast.to(device), seed.to(device)
+    imgs, noise = torch.randn(2, 3, 16, 24, device=device), torch.rand(2, 24, device=device)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(layers, "_fuses", lambda x, norm: False)
+        fast.zero_grad(set_to_none=True)
+        seed.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=dtype):
+            loss = fast(imgs, 0.75, noise)[0] + seed(imgs, noise)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in [*fast.parameters(), *seed.parameters()]
+                                        if p.grad is not None]))
+    (loss, grads), (uloss, ugrads) = results
+    torch.testing.assert_close(loss, uloss, rtol=2e-3, atol=1e-4)
+    for g, ug in zip(grads, ugrads):
+        torch.testing.assert_close(g.float(), ug.float(), rtol=5e-2, atol=5e-3)
+
+
 @pytest.mark.parametrize("shape,match", [
     ((2, 3, 16, 16), r"imgs must be \(batch, 3, 16, 24\)"),
     ((2, 1, 16, 24), r"imgs must be \(batch, 3, 16, 24\)"),
@@ -296,3 +361,32 @@ def test_official_matches_reference_on_gpu():
     loss.backward()
     rloss.backward()
     assert_grads_close(fast, oracle, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("return_pred", [True, False])
+def test_training_step_never_syncs_the_host(return_pred):
+    """A bf16 training step (fused ops, fused add + norm, fused AdamW) queues its work without
+    one device-to-host sync, so the host runs ahead and CUDA graphs can capture it."""
+    model = mae_fast.MaskedAutoencoderViT(img_size=64, patch_size=16, embed_dim=192, depth=2, num_heads=3,
+                                          decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
+                                          norm_pix_loss=True).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    imgs = torch.randn(8, 3, 64, 64, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(imgs, return_pred=return_pred)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    step()  # first calls compile the Triton kernels and initialise the optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)

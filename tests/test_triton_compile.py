@@ -122,6 +122,25 @@ def _workload(configs):
             ops.unpatchify(torch.randn(B, L, P, dtype=act_dt), p, (H, W))
 
 
+# widths of the fused add + LayerNorm: tiny preset, decoders, ViT-B/L/H, and an odd one
+NORM_WIDTHS = [7, 64, 96, 512, 768, 1024, 1280]
+
+
+def _norm_workload(widths):
+    """add_layer_norm as the blocks call it: (x, delta, out) dtypes of fp32, bf16 autocast (fp32
+    stream, bf16 delta and out), pure bf16 and pure fp16; both gradients, and the normed one only."""
+    mixes = [(torch.float32, torch.float32, None), (torch.float32, torch.bfloat16, torch.bfloat16),
+             (torch.bfloat16, torch.bfloat16, None), (torch.float16, torch.float16, None)]
+    for D in widths:
+        for x_dt, d_dt, out_dt in mixes:
+            x = torch.randn(2, 50, D, dtype=x_dt, requires_grad=True)
+            delta = torch.randn(2, 50, D, dtype=d_dt, requires_grad=True)
+            w, b = torch.randn(D, requires_grad=True), torch.randn(D, requires_grad=True)
+            res, normed = ops.add_layer_norm(x, delta, w, b, 1e-6, out_dtype=out_dt)
+            (res.float().sum() + normed.float().sum()).backward()
+            ops.add_layer_norm(x, delta, w, None, 1e-6, out_dtype=out_dt)[1].float().sum().backward()
+
+
 def _ptxas_report(ptx: str, arch: int, tmp: Path) -> dict:
     """ptxas -v on the kernel's PTX: registers and spill bytes."""
     import triton
@@ -146,7 +165,7 @@ def _record_and_compile(archs, tmp: Path) -> dict:
     log, kernels = [], set()
     mods = {m.name: importlib.import_module(f"mae_fast.kernels.{m.name}")
             for m in pkgutil.iter_modules(mae_fast.kernels.__path__)}
-    for name, mod in mods.items():
+    for mod in mods.values():
         for attr, fn in list(vars(mod).items()):
             if isinstance(fn, triton.runtime.JITFunction) and attr.endswith("_kernel"):
                 kernels.add(attr)
@@ -155,8 +174,10 @@ def _record_and_compile(archs, tmp: Path) -> dict:
         if name.startswith("mae_fast.ops.") and hasattr(m, "triton_kernels"):
             m.triton_kernels = lambda kname, t: None if t.dtype == torch.float64 else mods[kname]
     _workload(CONFIGS[:1])
+    _norm_workload([768])
     first = {lc.key() for lc in log}  # ViT-B/16's launches: compiled for every arch, the rest for the first
     _workload(CONFIGS[1:])
+    _norm_workload([D for D in NORM_WIDTHS if D != 768])
     unique = {}
     for launch in log:
         unique.setdefault(launch.key(), launch)
