@@ -12,6 +12,7 @@
 #   MAE_FAST_GPU_BUDGET_S [450]  wall-clock budget of the whole script; stages shrink to fit
 #   MAE_FAST_SKIP_BUILD=1        use the installed build; MAE_FAST_SKIP_TESTS=1 skips pytest -m gpu
 #   MAE_FAST_BENCH_CASES, MAE_FAST_BENCH_PROVIDERS, MAE_FAST_BENCH_ROUNDS   see test_bench_step.py
+#   MAE_FAST_PROFILE_CASE [official-vit_b16]   the case benchmarks/profile_step.py profiles
 #   MAE_FAST_RESULTS_DIR [benchmarks/results]   where results.csv, <gpu>.md/.png and gpu_logs/ go
 #   TORCH_CUDA_ARCH_LIST [9.0]   only the H200's arch: half the nvcc time of the default 8.0;9.0+PTX
 # Where $OUT is set (the device runner's output folder) benchmarks/results/ is copied there at the end.
@@ -114,8 +115,8 @@ bench_ops() {
 }
 
 profile() {  # where the ViT-B/16 step's time goes, by kernel category, and the GPU-busy fraction
-  python -m benchmarks.profile_step --case official-vit_b16 --providers mae_fast,reference --steps 5 \
-    --out "$LOGS/profile.md"
+  python -m benchmarks.profile_step --case "${MAE_FAST_PROFILE_CASE:-official-vit_b16}" \
+    --providers mae_fast,reference --steps 5 --out "$LOGS/profile.md"
 }
 
 gpu_name() { python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')" 2>/dev/null || echo NVIDIA; }
