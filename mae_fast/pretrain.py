@@ -160,6 +160,16 @@ def check_output_dir(path: str) -> None:
 
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pth")
+# save_checkpoint's temp file: what a save killed before its rename leaves behind
+CHECKPOINT_TEMP = re.compile(r"\.checkpoint-\d+\.pth\..+\.tmp")
+
+
+def remove_interrupted_saves(run_dir: str) -> list[str]:
+    """Deletes the temp files of checkpoint saves that never finished (a kill mid-save); returns them."""
+    stale = [os.path.join(run_dir, f) for f in os.listdir(run_dir) if CHECKPOINT_TEMP.fullmatch(f)]
+    for path in stale:
+        os.remove(path)
+    return stale
 
 
 def checkpoints_in(run_dir: str) -> list[str]:
@@ -192,6 +202,8 @@ def train(args) -> dict:
     main_process = rank == 0
     if main_process:
         check_output_dir(args.output_dir)
+        for path in remove_interrupted_saves(args.output_dir):
+            print(f"removed {path}: the temp file of a checkpoint save that was interrupted")
     torch.manual_seed(args.seed)
     model = build_model(args.model, args.img_size, norm_pix_loss=args.norm_pix_loss).to(device)
     if model.img_size[0] != model.img_size[1]:

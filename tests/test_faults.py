@@ -157,9 +157,11 @@ def test_sigkill_inside_a_checkpoint_save_keeps_the_previous_one(tmp_path, strai
     assert [os.path.basename(p) for p in pretrain.checkpoints_in(str(out))] == [f"checkpoint-{STEPS_PER_EPOCH}.pth"]
     assert line_count(out / "metrics.jsonl") == TOTAL
 
+    (out / "checkpoint-best.pth.tmp").write_text("a user's file")  # not a save's temp file: kept
     summary = pretrain.main([*RUN, "--output-dir", str(out), "--resume", "auto"])
     assert_same_state(summary["checkpoint"], os.path.join(straight, f"checkpoint-{TOTAL}.pth"))
     assert losses(out) == losses(straight)
+    assert [f for f in os.listdir(out) if f.endswith(".tmp")] == ["checkpoint-best.pth.tmp"]  # the stale one is gone
 
 
 # ----------------------------------------------------------------------------- (b) fp16 GradScaler
