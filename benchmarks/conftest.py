@@ -295,6 +295,23 @@ def median_op_seconds():
 
 
 @pytest.fixture(scope="module")
+def op_suite_env():
+    """The op suites' CPU setting, restored after the module: the ops' vectorised PyTorch fallbacks
+    (not the slow Triton interpreter) on one thread (on a shared 2-core box, OpenMP spinning makes
+    multi-thread medians noise). CUDA runs are left as they are."""
+    old, threads = os.environ.get("TRITON_INTERPRET"), torch.get_num_threads()
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "0"
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
+@pytest.fixture(scope="module")
 def print_op_table(request):
     """show(title, results) prints {(case, impl): (seconds, bytes)} as a table past pytest's
     capture: median, counted GB/s and the speedup over the same case's eager row."""

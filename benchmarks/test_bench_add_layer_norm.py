@@ -45,17 +45,8 @@ def _device_name():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _no_interpreter_and_summary(print_op_table):
-    old, threads = os.environ.get("TRITON_INTERPRET"), torch.get_num_threads()
-    if not CUDA:
-        os.environ["TRITON_INTERPRET"] = "0"  # CPU: the vectorised fallback, not the (slow) interpreter
-        torch.set_num_threads(1)  # on a shared 2-core box, OpenMP spinning makes multi-thread medians noise
+def _summary(op_suite_env, print_op_table):
     yield
-    torch.set_num_threads(threads)
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = old
     print_op_table(f"add_layer_norm benchmarks on {_device_name()}, torch {torch.__version__}, "
                    f"x {X_DTYPE}, delta {DELTA_DTYPE}, normed {OUT_DTYPE}", _RESULTS)
 

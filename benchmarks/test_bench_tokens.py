@@ -50,12 +50,8 @@ def _device_name():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _setup_and_summary(print_op_table):
-    threads = torch.get_num_threads()
-    if not CUDA:
-        torch.set_num_threads(1)  # a shared 2-core box: multi-thread medians are noise
+def _summary(op_suite_env, print_op_table):
     yield
-    torch.set_num_threads(threads)
     print_op_table(f"token benchmarks on {_device_name()}, torch {torch.__version__}, L={L}, K={int(L * (1 - RATIO))}",
                    _RESULTS)
 
