@@ -70,14 +70,26 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x):
-        return run_blocks([self], x)
+        return _fused_blocks([self], x)
+
+
+def has_hooks(m: nn.Module) -> bool:
+    """Whether calling m runs more than m.forward: its own or global module hooks (FSDP's unshard,
+    a feature extractor's tap, a full backward hook)."""
+    from torch.nn.modules import module as mm
+
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or mm._global_forward_hooks or mm._global_forward_pre_hooks or mm._global_backward_hooks
+                or mm._global_backward_pre_hooks)
 
 
 def _fuses(x: torch.Tensor, norm: nn.Module) -> bool:
     """The fused add + LayerNorm runs where it is a Triton kernel (CUDA; CPU under the interpreter)
-    and not while torch.compile traces: inductor fuses add and norm itself, with their neighbours."""
+    and not while torch.compile traces: inductor fuses add and norm itself, with their neighbours.
+    A norm with hooks is called as a module, so its hooks run."""
     return (type(norm) is nn.LayerNorm and norm.weight is not None and len(norm.normalized_shape) == 1
-            and not torch.compiler.is_compiling() and triton_kernels("add_layer_norm", x) is not None)
+            and not has_hooks(norm) and not torch.compiler.is_compiling()
+            and triton_kernels("add_layer_norm", x) is not None)
 
 
 def add_norm(x: torch.Tensor, delta, norm: nn.Module, feeds_linear: bool = True):
@@ -93,8 +105,17 @@ def add_norm(x: torch.Tensor, delta, norm: nn.Module, feeds_linear: bool = True)
 
 
 def run_blocks(blocks, x: torch.Tensor, final_norm: nn.Module = None) -> torch.Tensor:
-    """x through pre-norm Blocks, then final_norm (if given): each block's two residual adds fused
-    with the norm after them (the next block's norm1, or final_norm), as `blk(x)` in turn computes."""
+    """x through pre-norm Blocks, then final_norm (if given), as `blk(x)` in turn computes: each
+    residual add fused with the norm after it, across blocks too. Blocks that are wrapped (activation
+    checkpointing) or hooked (FSDP) are called as modules, and fuse inside themselves only."""
+    if all(type(blk) is Block and not has_hooks(blk) for blk in blocks):
+        return _fused_blocks(blocks, x, final_norm)
+    for blk in blocks:
+        x = blk(x)
+    return x if final_norm is None else final_norm(x)
+
+
+def _fused_blocks(blocks, x: torch.Tensor, final_norm: nn.Module = None) -> torch.Tensor:
     pending = None  # the last block's MLP output, not yet added to x
     for blk in blocks:
         x, h = add_norm(x, pending, blk.norm1)

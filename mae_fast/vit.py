@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .layers import add_norm, attend
+from .layers import add_norm, attend, has_hooks
 from .reference import pair
 
 
@@ -86,6 +86,11 @@ def transformer_forward(transformer: nn.Module, x: torch.Tensor) -> torch.Tensor
     vit_pytorch.ViT encoder handed to mae_fast.MAE gets the fast path while training in place.
     Each residual add is fused with the LayerNorm after it (Attention.norm, FeedForward.net[0],
     the final norm), as in mae_fast.layers.run_blocks."""
+    if any(has_hooks(m) for pair in transformer.layers for m in pair):  # FSDP, taps: call them as modules
+        for attn, ff in transformer.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return transformer.norm(x)
     pending = None  # the last FeedForward's output, not yet added to x
     for attn, ff in transformer.layers:
         x, h = add_norm(x, pending, attn.norm)

@@ -261,6 +261,43 @@ def test_blocks_fuse_every_residual_add_into_the_next_norm(monkeypatch):
     assert calls == [torch.bfloat16] * (2 * enc - 1) + [None] + [torch.bfloat16] * (2 * dec - 1)
 
 
+def test_hooked_and_wrapped_blocks_still_run_as_modules():
+    """Fusing across blocks must not bypass what wraps or hooks them (FSDP's unshard, activation
+    checkpointing, feature taps): such blocks are called as modules, with the same loss."""
+    fast, _ = official_pair()
+    imgs, noise = torch.randn(2, 3, 16, 24), torch.rand(2, 24)
+    plain = fast(imgs, 0.75, noise)[0]
+    calls = []
+    handles = [fast.blocks[0].register_forward_pre_hook(lambda m, args: calls.append("block")),
+               fast.decoder_blocks[0].norm2.register_forward_hook(lambda m, args, out: calls.append("norm")),
+               fast.norm.register_forward_hook(lambda m, args, out: calls.append("final norm"))]
+    torch.testing.assert_close(fast(imgs, 0.75, noise)[0], plain)
+    assert calls == ["block", "final norm", "norm"]
+    for h in handles:
+        h.remove()
+
+    class Wrapper(torch.nn.Module):  # as activation checkpointing wraps a block
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            calls.append("wrapper")
+            return self.inner(x)
+
+    fast.blocks[1] = Wrapper(fast.blocks[1])
+    calls.clear()
+    torch.testing.assert_close(fast(imgs, 0.75, noise)[0], plain)
+    assert calls == ["wrapper"]
+
+    seed, _ = seed_pair()
+    plain = seed(imgs, noise)
+    calls.clear()
+    seed.encoder.transformer.layers[1][0].register_forward_hook(lambda m, args, out: calls.append("attention"))
+    torch.testing.assert_close(seed(imgs, noise), plain)
+    assert calls == ["attention"]
+
+
 @pytest.mark.skipif(not INTERPRET_OR_CUDA, reason="the fused add + norm runs only as a Triton kernel")
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
