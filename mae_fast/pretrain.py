@@ -47,7 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the model, in this mode (reduce-overhead: CUDA graphs on GPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--output-dir", default="runs/mae-demo")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest in --output-dir")
@@ -231,7 +233,7 @@ def train(args) -> dict:
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, mode=args.compile)
 
     run = Run(args, model, optimizer, scaler, history, main_process)
     stop = {"signal": None}

@@ -56,6 +56,19 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_compiled_run_trains_like_eager(tmp_path, monkeypatch):
+    modes = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: modes.append(kw.get("mode")) or real_compile(model, **kw))
+    _, eager = run(tmp_path, "--max-steps", "3", name="eager")
+    _, compiled = run(tmp_path, "--max-steps", "3", "--compile", name="compiled")
+    assert modes == ["default"]
+    torch.testing.assert_close(torch.tensor(losses(compiled)), torch.tensor(losses(eager)), rtol=1e-4, atol=1e-6)
+    assert pretrain.parse_args([*SMALL, "--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    with pytest.raises(SystemExit):
+        pretrain.parse_args([*SMALL, "--compile", "fast"])
+
+
 def test_keep_last_prunes_old_checkpoints(tmp_path):
     _, out = run(tmp_path, "--epochs", "3", "--keep-last", "2")
     assert sorted(os.listdir(out)) == ["checkpoint-12.pth", "checkpoint-8.pth", "loss.png", "metrics.jsonl",
