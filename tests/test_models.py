@@ -202,6 +202,9 @@ def test_compiled_models_match_eager():
     cgrads = torch.autograd.grad(closs, [p for p in fast.parameters() if p.requires_grad])
     for g, cg in zip(grads, cgrads):
         torch.testing.assert_close(cg, g, rtol=1e-4, atol=1e-6)
+    # the CLI's call (prediction head on removed rows only) traces whole too
+    rows_loss = torch.compile(fast, fullgraph=True, backend="aot_eager")(imgs, 0.75, noise, return_pred=False)[0]
+    torch.testing.assert_close(rows_loss, loss, rtol=1e-4, atol=1e-6)
 
     seed, _ = seed_pair()
     noise = torch.rand(2, 24)
