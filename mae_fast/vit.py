@@ -86,7 +86,9 @@ def transformer_forward(transformer: nn.Module, x: torch.Tensor) -> torch.Tensor
     vit_pytorch.ViT encoder handed to mae_fast.MAE gets the fast path while training in place.
     Each residual add is fused with the LayerNorm after it (Attention.norm, FeedForward.net[0],
     the final norm), as in mae_fast.layers.run_blocks."""
-    if any(has_hooks(m) for pair in transformer.layers for m in pair):  # FSDP, taps: call them as modules
+    fusable = all(not has_hooks(attn) and not has_hooks(ff) and isinstance(getattr(ff, "net", None), nn.Sequential)
+                  and isinstance(ff.net[0], nn.LayerNorm) for attn, ff in transformer.layers)
+    if not fusable:  # hooked (FSDP, taps) or differently built sub-layers: call them as modules
         for attn, ff in transformer.layers:
             x = attn(x) + x
             x = ff(x) + x
