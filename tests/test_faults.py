@@ -285,6 +285,7 @@ def _op_runs(interpret):
         ops.masked_mse_loss(pred_ids, imgs, 4, ids=ids),
         ops.gather_tokens(x, ids),
         ops.unshuffle_tokens(vis, ids, 6, mt, pos, num_prefix=1),
+        *ops.add_layer_norm(x, x.flip(1), mt, pos[0], 1e-6),
     ]
     total = sum((o.float() * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs)
     total.backward()
@@ -338,7 +339,8 @@ def test_gpu_fused_ops_are_bitwise_deterministic():
       patchify / unpatchify / patchify_gather (forward and backward) are pure gathers/scatters through
       an inverse index map; masked_mse_loss reduces per-program partial sums in a fixed order with a
       single-program final sum (no float atomics); unshuffle_tokens' backward sums mask-token and
-      position gradients in a fixed order (its only atomic is an integer CAS on the index map).
+      position gradients in a fixed order (its only atomic is an integer CAS on the index map);
+      add_layer_norm's weight and bias gradients are per-program partial rows summed in a fixed order.
     - Not guaranteed bitwise: the model as a whole. cuBLAS may pick different GEMM algorithms (split-K
       reductions) between runs or processes unless CUBLAS_WORKSPACE_CONFIG=:4096:8 and
       torch.use_deterministic_algorithms(True) are set, and SDPA's flash / memory-efficient backward
@@ -363,7 +365,8 @@ def test_gpu_fused_ops_are_bitwise_deterministic():
                 ops.masked_mse_loss(pred, imgs, 16, mask=mask, norm_pix=True),
                 ops.masked_mse_loss(pred[:, :147], imgs, 16, ids=ids[:, 49:]),
                 ops.gather_tokens(x, ids[:, :49]),
-                ops.unshuffle_tokens(vis, ids[:, :49], 196, mt, pos, num_prefix=1)]
+                ops.unshuffle_tokens(vis, ids[:, :49], 196, mt, pos, num_prefix=1),
+                *ops.add_layer_norm(x, x.flip(1).to(torch.bfloat16), mt, pos[0], 1e-6, out_dtype=torch.bfloat16)]
         sum((o.float() * 1.37).sum() for o in outs).backward()
         torch.cuda.synchronize()
         return [o.detach() for o in outs] + [t.grad for t in (imgs, pred, x, vis, mt, pos)]
@@ -396,6 +399,7 @@ def _all_ops_step(imgs, ids, mask, pred, pred_ids, x, vis, mt, pos):
         ops.masked_mse_loss(pred, imgs, 8, mask=mask, norm_pix=True),
         ops.masked_mse_loss(pred_ids, imgs, 8, ids=ids),
         ops.gather_tokens(x, ids), ops.unshuffle_tokens(vis, ids, 64, mt, pos, num_prefix=1),
+        *ops.add_layer_norm(x, x.flip(1), mt, pos[0], 1e-6),
     ]
     sum(o.float().sum() for o in outs).backward()
 
