@@ -42,9 +42,10 @@ def dispatch(path: str):
     try:
         with contextlib.ExitStack() as stack:
             if path == "triton":
+                from mae_fast.kernels import add_layer_norm as ka
                 from mae_fast.kernels import masked_mse_loss as kl
                 from mae_fast.kernels import patchify as kp
-                for mod in (kp, kl):
+                for mod in (kp, kl, ka):
                     for name, fn in (("empty", _nan_empty), ("empty_like", _nan_empty_like)):
                         if hasattr(mod, name):
                             stack.enter_context(mock.patch.object(mod, name, fn))
@@ -385,6 +386,46 @@ def test_unshuffle_tokens(B, N, D, keep, num_prefix, pos_mode, mask_shape, layou
           what="mask_token grad")
     if pos is not None:
         check(gp, p64.grad, pl.grad, pdt if pdt == torch.float32 else dtype, rtol=1e-5, atol=1e-5, what="pos grad")
+
+
+# ----------------------------------------------------------------------------- add_layer_norm
+
+@scaled(1)
+@given(B=st.integers(1, 3), N=st.integers(1, 13), D=st.integers(1, 40), layout=layouts, dtype=float_dtypes,
+       mixed=st.booleans(), bias=st.booleans(), grads=st.sampled_from(["both", "residual", "normed"]),
+       path=paths, seed=seeds)
+def test_add_layer_norm(B, N, D, layout, dtype, mixed, bias, grads, path, seed):
+    """Fused residual add + LayerNorm, forward and backward. mixed: the autocast case (an fp32
+    stream, a low-precision delta and normed output); else every tensor in dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    x_dt = torch.float32 if mixed else dtype
+    x = make_rows(gen, B, N, D, layout, x_dt).requires_grad_()
+    delta = make_rows(gen, B, N, D, "contiguous", dtype).requires_grad_()
+    w = (torch.randn(D, generator=gen) * 0.5 + 1).requires_grad_()
+    b = torch.randn(D, generator=gen).requires_grad_() if bias else None
+    out_dtype = dtype if mixed else None
+    g_res = torch.randn(B, N, D, generator=gen).to(torch.promote_types(x_dt, dtype)) if grads != "normed" else None
+    g_n = torch.randn(B, N, D, generator=gen).to(dtype) if grads != "residual" else None
+    params = [t for t in (x, delta, w, b) if t is not None]
+
+    def run(fn, ts, cast=None):
+        res, normed = fn(*ts[:3], ts[3] if bias else None, 1e-5, out_dtype)
+        outs = [o for o, g in ((res, g_res), (normed, g_n)) if g is not None]
+        gs = [g if cast is None else g.to(cast) for g in (g_res, g_n) if g is not None]
+        torch.autograd.backward(outs, gs)
+        return res.detach(), normed.detach(), [t.grad for t in ts]
+
+    with dispatch(path):
+        res, normed, got = run(ops.add_layer_norm, params)
+    r64, n64, ref_grads = run(lambda *a: R.add_layer_norm(*a[:5]), [leaf(t, torch.float64) for t in params],
+                              cast=torch.float64)
+    rlow, nlow, low_grads = run(R.add_layer_norm, [leaf(t) for t in params])
+    check(res, r64, rlow, res.dtype, what="residual")
+    check(normed, n64, nlow, normed.dtype, what="normed")
+    for name, g, g64, glow in zip("x delta weight bias".split(), got, ref_grads, low_grads):
+        assert (g is None) == (g64 is None), name
+        if g is not None:  # fp32 weight / bias grads are only as exact as the fp16 tensors they sum
+            check(g, g64, glow, dtype, atol16=1e-2, what=f"grad {name}")
 
 
 # ----------------------------------------------------------------------------- models
