@@ -24,13 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_CSV = RESULTS / "results.csv"
 
-OURS = ["mae_fast", "mae_fast_pred", "mae_fast_compiled"]
+OURS = ["mae_fast", "mae_fast_pred", "mae_fast_compiled", "mae_fast_graphed"]
 PEERS = ["reference", "reference_compiled", "hf", "vit_pytorch"]
 PROVIDER_ORDER = OURS + PEERS
 PROVIDER_NOTES = {
     "mae_fast": "mae_fast as the training CLI runs it (official API: return_pred=False)",
     "mae_fast_pred": "the drop-in call forward(imgs, ratio, noise) returning pred for all patches",
     "mae_fast_compiled": "torch.compile(mae_fast model)",
+    "mae_fast_graphed": "torch.compile(mae_fast model, mode='reduce-overhead'): CUDA graphs",
     "reference": "mae_fast.reference, eager, explicit softmax attention",
     "reference_compiled": "torch.compile(reference)",
     "hf": "transformers ViTMAEForPreTraining, sdpa attention, same weights",
@@ -46,7 +47,7 @@ def targets_for(device: str):
     measurement) | memory (provider / peer peak memory)."""
     out = []
     if "H200" in device:
-        for p in ("mae_fast", "mae_fast_compiled"):
+        for p in ("mae_fast", "mae_fast_compiled", "mae_fast_graphed"):
             out += [
                 ("ViT-B/16 >= 6,000 img/s on an H200", "official-vit_b16", p, "images_per_s", None, 6000, True),
                 ("ViT-L/16 >= 2,900 img/s on an H200", "official-vit_l16", p, "images_per_s", None, 2900, True),
@@ -181,7 +182,9 @@ def markdown(run) -> str:
                 lines.append("")
                 lines += [f"- skipped {p}: {why}" for p, why in skipped]
             lines.append("")
-        lines += ["Providers: " + "; ".join(f"`{p}` {PROVIDER_NOTES[p]}" for p in PROVIDER_ORDER) + ".",
+        measured = {p for case in cases for p in _providers(run, case)}
+        lines += ["Providers: " + "; ".join(f"`{p}` {PROVIDER_NOTES[p]}" for p in PROVIDER_ORDER if p in measured)
+                  + ".",
                   "images/s = batch / median step (warm-up excluded); MFU = counted model FLOPs "
                   "(benchmarks/flops.py, the same for every provider of a case) / time / the matmul ceiling; "
                   + ("peak memory = torch.cuda.max_memory_allocated over the measured steps."

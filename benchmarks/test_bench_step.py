@@ -6,6 +6,8 @@ Providers (a case's speedups are computed by benchmarks/report.py from the same 
   mae_fast             the fast model as the training CLI runs it (official: return_pred=False)
   mae_fast_pred        official API only: the drop-in call forward(imgs, ratio, noise) -> (loss, pred, mask)
   mae_fast_compiled    torch.compile(mae_fast model)
+  mae_fast_graphed     CUDA only: torch.compile(mae_fast model, mode="reduce-overhead"), i.e. with CUDA
+                       graphs; measured last, so a tight time budget drops it first
   reference            mae_fast.reference, eager, explicit softmax attention (the oracle)
   reference_compiled   torch.compile(reference model)
   hf                   transformers' ViTMAEForPreTraining, attn_implementation="sdpa", same config
@@ -110,10 +112,18 @@ QUICK_CASES = [
     _seed("seed-micro", 8, 32, 8, 64, 1, 2, 32, 32, 1, 2, 16),
 ]
 PROVIDERS = {
-    "official": ["mae_fast", "mae_fast_pred", "reference", "hf", "mae_fast_compiled", "reference_compiled"],
+    "official": ["mae_fast", "mae_fast_pred", "reference", "hf", "mae_fast_compiled", "reference_compiled"]
+    + (["mae_fast_graphed"] if CUDA else []),
     "seed": ["mae_fast", "reference", "vit_pytorch", "mae_fast_compiled", "reference_compiled"],
 }
-OURS = ("mae_fast", "mae_fast_pred", "mae_fast_compiled")
+OURS = ("mae_fast", "mae_fast_pred", "mae_fast_compiled", "mae_fast_graphed")
+COMPILE_MODES = {"_compiled": "default", "_graphed": "reduce-overhead"}  # provider suffix -> torch.compile mode
+
+
+def compile_mode(provider: str):
+    """The torch.compile mode of a provider, None for an eager one."""
+    return next((mode for suffix, mode in COMPILE_MODES.items() if provider.endswith(suffix)), None)
+
 QUICK_COMPILED = ("official-micro", "mae_fast_compiled")  # the one compile quick mode pays for
 
 
@@ -125,9 +135,14 @@ def _selected(quick: bool):
     providers = {p for p in os.environ.get("MAE_FAST_BENCH_PROVIDERS", "").split(",") if p}
     pairs = [(c, p) for c in cases for p in PROVIDERS[c.api] if not providers or p in providers]
     # the first case whole (its compiled peers decide the 1.3x target), then the eager providers of
-    # the other cases, then their (slow to compile) compiled ones: under a time budget the tail that
-    # gets skipped is the compiled providers of the last cases
-    return sorted(pairs, key=lambda cp: cp[1].endswith("_compiled") and cp[0] is not cases[0])
+    # the other cases, then their (slow to compile) compiled ones, CUDA graphs last: under a time
+    # budget the tail that gets skipped is the compiled providers of the last cases
+    def order(cp):
+        case, provider = cp
+        if provider.endswith("_graphed"):
+            return 2
+        return int(compile_mode(provider) is not None and case is not cases[0])
+    return sorted(pairs, key=order)
 
 
 def pytest_generate_tests(metafunc):
@@ -297,7 +312,8 @@ class PeerUnavailable(Exception):
 
 def _build(c: Case, provider: str):
     """(module whose parameters train, loss function of (imgs, noise), model FLOPs of one step)."""
-    base = provider.removesuffix("_compiled")
+    mode = compile_mode(provider)
+    base = next((provider.removesuffix(sfx) for sfx in COMPILE_MODES if provider.endswith(sfx)), provider)
     state = _initial_state(c)
     with torch.device(DEVICE):
         if c.api == "official":
@@ -325,7 +341,7 @@ def _build(c: Case, provider: str):
 
         with torch.device(DEVICE):  # the HF model initialises where it runs, then takes our weights
             model = to_hf(model, attn_implementation="sdpa").to(DEVICE).train()
-    net = torch.compile(model) if provider.endswith("_compiled") else model
+    net = torch.compile(model, mode=mode) if mode else model
     ratio = c.mask_ratio
     if c.api == "official":
         flops = official_step_flops(flops_model, c.batch, ratio)
@@ -445,7 +461,7 @@ def _say(request, msg: str) -> None:
 def test_step(benchmark, case, provider, bench_record, bench_quick, ceiling, request):
     name = case.name
     benchmark.group = f"step-{name}"
-    compiled = provider.endswith("_compiled")
+    compiled = compile_mode(provider) is not None
     if bench_quick and compiled and (name, provider) != QUICK_COMPILED:
         bench_record.skip(name, provider, "quick mode compiles one provider only "
                                           f"({QUICK_COMPILED[1]} on {QUICK_COMPILED[0]})")
@@ -522,7 +538,7 @@ def test_step_interleaved(case_name, bench_record, bench_quick):
     case = cases[case_name]
     steps = {}
     for provider in PROVIDERS[case.api]:
-        if provider.endswith("_compiled"):
+        if compile_mode(provider) is not None:
             continue
         try:
             steps[provider] = _make_step(case, provider)[3]
