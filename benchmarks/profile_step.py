@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import test_bench_step as S  # noqa: E402
+from benchmarks.common import device_name  # noqa: E402
 
 # first match wins; matched against the lower-cased kernel (CUDA) or aten op (CPU) name
 CATEGORIES = [
@@ -75,7 +76,7 @@ def profile_provider(case, provider: str, steps: int, warmup: int) -> dict:
 
 def render(case, results: dict, top: int = 8) -> str:
     unit = "kernel" if S.CUDA else "aten op (self CPU time)"
-    lines = [f"### Profile: {case.name}, batch {case.batch}, {S._device_name()}, torch {torch.__version__}", ""]
+    lines = [f"### Profile: {case.name}, batch {case.batch}, {device_name()}, torch {torch.__version__}", ""]
     for provider, r in results.items():
         busy = sum(r["times"].values())
         by_cat = defaultdict(float)

@@ -18,7 +18,6 @@ table is printed at the end of the module.
 
     pytest benchmarks/test_bench_add_layer_norm.py --benchmark-group-by=group
 """
-import os
 
 import pytest
 import torch
@@ -26,8 +25,8 @@ import torch
 import mae_fast
 from mae_fast import reference as R
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
+from benchmarks.common import CPU_COMPILE_ALL, CUDA, DEVICE, device_name
+
 # name: (rows, D); x fp32, delta bf16, normed bf16
 CASES = {"encoder": (256 * 50, 768), "decoder": (256 * 197, 512)} if CUDA else \
     {"encoder": (8 * 50, 96), "decoder": (8 * 65, 64)}
@@ -35,19 +34,15 @@ X_DTYPE, DELTA_DTYPE, OUT_DTYPE = torch.float32, torch.bfloat16, torch.bfloat16
 EPS = 1e-6
 IMPLS = ["mae_fast", "eager", "compiled"]
 MODES = ["fwd", "fwd_bwd"]
-CPU_COMPILE_ALL = os.environ.get("MAE_FAST_BENCH_COMPILE_ALL") == "1"
 
 _RESULTS = {}
 
-
-def _device_name():
-    return torch.cuda.get_device_name() if CUDA else "CPU"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _summary(op_suite_env, print_op_table):
     yield
-    print_op_table(f"add_layer_norm benchmarks on {_device_name()}, torch {torch.__version__}, "
+    print_op_table(f"add_layer_norm benchmarks on {device_name()}, torch {torch.__version__}, "
                    f"x {X_DTYPE}, delta {DELTA_DTYPE}, normed {OUT_DTYPE}", _RESULTS)
 
 
@@ -99,7 +94,7 @@ def test_bench(benchmark, median_op_seconds, bench_record, name, impl, mode):
     sec = median_op_seconds(benchmark, fn)
     _RESULTS[(case, impl)] = (sec, nbytes)
     benchmark.extra_info.update(
-        device=_device_name(), rows=rows, D=D, bytes=nbytes, median_s=sec, gbps=nbytes / sec / 1e9,
+        device=device_name(), rows=rows, D=D, bytes=nbytes, median_s=sec, gbps=nbytes / sec / 1e9,
         timer="triton.testing.do_bench median" if CUDA else "pytest-benchmark median")
     eager = _RESULTS.get((case, "eager"))
     if eager is not None and impl != "eager":

@@ -13,7 +13,6 @@ printed at the end of the module.
 
     pytest benchmarks/test_bench_patchify_loss.py --benchmark-group-by=group
 """
-import os
 
 import pytest
 import torch
@@ -21,17 +20,14 @@ import torch
 import mae_fast
 from mae_fast import reference as R
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
+from benchmarks.common import CPU_COMPILE_ALL, CUDA, DEVICE, device_name
+
 # B, C, H, W, patch, mask ratio
 SHAPE = (256, 3, 224, 224, 16, 0.75) if CUDA else (8, 3, 64, 96, 16, 0.75)
 DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
 IMPLS = ["mae_fast", "eager", "compiled"]
 OPS = ["patchify_gather", "loss_mask", "loss_ids"]
 MODES = ["fwd", "fwd_bwd"]
-# torch.compile on a 2-core CPU costs ~10 s per graph: only the loss forward+backward gets a compiled
-# baseline there unless MAE_FAST_BENCH_COMPILE_ALL=1.
-CPU_COMPILE_ALL = os.environ.get("MAE_FAST_BENCH_COMPILE_ALL") == "1"
 
 _RESULTS = {}
 
@@ -39,11 +35,8 @@ _RESULTS = {}
 @pytest.fixture(scope="module", autouse=True)
 def _summary(op_suite_env, print_op_table):
     yield
-    print_op_table(f"patchify/loss benchmarks on {_device_name()}, torch {torch.__version__}, shape {SHAPE}", _RESULTS)
+    print_op_table(f"patchify/loss benchmarks on {device_name()}, torch {torch.__version__}, shape {SHAPE}", _RESULTS)
 
-
-def _device_name():
-    return torch.cuda.get_device_name() if CUDA else "CPU"
 
 
 def _inputs(op, dtype):
@@ -119,7 +112,7 @@ def test_bench(benchmark, median_op_seconds, op, impl, mode, dtype):
     sec = median_op_seconds(benchmark, fn)
     _RESULTS[(case, impl)] = (sec, nbytes)
     benchmark.extra_info.update(
-        device=_device_name(), shape=list(SHAPE), bytes=nbytes, median_s=sec, gbps=nbytes / sec / 1e9,
+        device=device_name(), shape=list(SHAPE), bytes=nbytes, median_s=sec, gbps=nbytes / sec / 1e9,
         timer="triton.testing.do_bench median" if CUDA else "pytest-benchmark median")
     eager = _RESULTS.get((case, "eager"))
     if eager is not None and impl != "eager":

@@ -59,10 +59,9 @@ if str(ROOT) not in sys.path:
 import mae_fast  # noqa: E402
 from mae_fast import reference as R  # noqa: E402
 
+from benchmarks.common import CUDA, DEVICE, device_name  # noqa: E402
 from benchmarks.flops import official_step_flops, seed_step_flops  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 CPU_THREADS = int(os.environ.get("MAE_FAST_BENCH_THREADS", "1"))
 
 
@@ -181,7 +180,7 @@ def _setup_and_summary(request):
         os.environ["TRITON_INTERPRET"] = old_interp
     if not _RESULTS:
         return
-    lines = ["", f"training-step benchmarks on {_device_name()}, torch {torch.__version__}"
+    lines = ["", f"training-step benchmarks on {device_name()}, torch {torch.__version__}"
              + ("" if CUDA else f", {used_threads} thread(s)"),
              f"{'case':20s} {'provider':19s} {'img/s':>10s} {'ms/step':>9s} {'peak MB':>9s} {'MFU':>7s} "
              f"{'vs reference':>13s} {'vs ref_compiled':>16s} {'vs ref, interleaved':>20s}"]
@@ -201,9 +200,6 @@ def _setup_and_summary(request):
     with (capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()):
         print("\n".join(lines))
 
-
-def _device_name():
-    return torch.cuda.get_device_name() if CUDA else "CPU"
 
 
 def _sync():
@@ -514,7 +510,7 @@ def test_step(benchmark, case, provider, bench_record, bench_quick, ceiling, req
         median = benchmark.stats.stats.median
         metrics.update(median_s=median, images_per_s=case.batch / median, tflops=flops.total / median / 1e12,
                        mfu=flops.total / median / ceiling["flops"])
-    benchmark.extra_info.update(case=name, provider=provider, device=_device_name(), optimizer=f"AdamW ({opt_kind})",
+    benchmark.extra_info.update(case=name, provider=provider, device=device_name(), optimizer=f"AdamW ({opt_kind})",
                                 dtype="bf16 autocast" if CUDA else "fp32", ceiling=ceiling["label"], **metrics)
     _RESULTS[(name, provider)] = metrics
     _say(request, f"\n[bench] {name} / {provider}: {metrics.get('images_per_s', float('nan')):,.1f} images/s, "

@@ -24,7 +24,6 @@ over the eager baseline measured in the same run. A summary table is printed at 
 
     pytest benchmarks/test_bench_tokens.py --benchmark-group-by=group
 """
-import os
 
 import pytest
 import torch
@@ -32,27 +31,23 @@ import torch
 import mae_fast
 from mae_fast import reference as R
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
+from benchmarks.common import CPU_COMPILE_ALL, CUDA, DEVICE, device_name
+
 L, RATIO = 196, 0.75
 CASES = ([(256, 512, torch.bfloat16), (256, 1024, torch.bfloat16), (256, 1024, torch.float32)] if CUDA
          else [(8, 64, torch.float32), (8, 256, torch.bfloat16)])
 IMPLS = ["mae_fast", "eager", "compiled"]
 OPS = ["unshuffle_official", "unshuffle_seed", "gather"]
 MODES = ["fwd", "fwd_bwd"]
-CPU_COMPILE_ALL = os.environ.get("MAE_FAST_BENCH_COMPILE_ALL") == "1"
 
 _RESULTS = {}
 
-
-def _device_name():
-    return torch.cuda.get_device_name() if CUDA else "CPU"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _summary(op_suite_env, print_op_table):
     yield
-    print_op_table(f"token benchmarks on {_device_name()}, torch {torch.__version__}, L={L}, K={int(L * (1 - RATIO))}",
+    print_op_table(f"token benchmarks on {device_name()}, torch {torch.__version__}, L={L}, K={int(L * (1 - RATIO))}",
                    _RESULTS)
 
 
@@ -145,7 +140,7 @@ def test_bench(benchmark, median_op_seconds, op, impl, mode, case):
     benchmark.group = name
     sec = median_op_seconds(benchmark, fn)
     _RESULTS[(name, impl)] = (sec, nbytes)
-    benchmark.extra_info.update(device=_device_name(), B=B, L=L, D=D, dtype=str(dtype), bytes=nbytes, median_s=sec,
+    benchmark.extra_info.update(device=device_name(), B=B, L=L, D=D, dtype=str(dtype), bytes=nbytes, median_s=sec,
                                 gbps=nbytes / sec / 1e9,
                                 timer="triton.testing.do_bench median" if CUDA else "pytest-benchmark median")
     eager = _RESULTS.get((name, "eager"))
