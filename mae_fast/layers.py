@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as mm
 
 from .ops.add_layer_norm import add_layer_norm
 from .ops.patchify import triton_kernels
@@ -76,8 +77,6 @@ class Block(nn.Module):
 def has_hooks(m: nn.Module) -> bool:
     """Whether calling m runs more than m.forward: its own or global module hooks (FSDP's unshard,
     a feature extractor's tap, a full backward hook)."""
-    from torch.nn.modules import module as mm
-
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                 or mm._global_forward_hooks or mm._global_forward_pre_hooks or mm._global_backward_hooks
                 or mm._global_backward_pre_hooks)
