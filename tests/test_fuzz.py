@@ -160,6 +160,23 @@ def norm_pix_scale(imgs, patch, row_grad):
     return rstd * row_grad.detach().double().abs().max().item()
 
 
+def check_loss_and_grads(loss, pred, imgs, patch, dtype, norm_pix, imgs_grad, ref_kw, low_kw):
+    """The op's loss and its pred (and image) gradients against R.masked_mse_loss in float64 and
+    in dtype (ref_kw / low_kw: the mask or ids each reference takes)."""
+    p64, i64 = leaf(pred, torch.float64), leaf(imgs, torch.float64)
+    ref = R.masked_mse_loss(p64, i64, patch, norm_pix_target=norm_pix, **ref_kw)
+    ref.backward()
+    plow, ilow = leaf(pred), leaf(imgs)
+    low = R.masked_mse_loss(plow, ilow, patch, norm_pix_target=norm_pix, **low_kw)
+    low.backward()
+    check(loss, ref.detach(), low.detach(), dtype, rtol=1e-5, atol=1e-6, what="loss")
+    check(pred.grad, p64.grad, plow.grad, dtype, rtol=1e-5, atol=1e-6, what="pred grad")
+    if imgs_grad:
+        scale = norm_pix_scale(imgs, patch, p64.grad) if norm_pix else p64.grad.abs().max().item()
+        check(imgs.grad, i64.grad, ilow.grad, dtype, rtol=1e-4, atol=1e-5 * max(scale, 1e-3), atol16=2e-3,
+              what="image grad")
+
+
 def leaf(t, dtype=None):
     return t.detach().to(dtype or t.dtype).requires_grad_()
 
@@ -262,18 +279,8 @@ def test_masked_mse_loss_with_mask(spec, layout, dtype, path, seed, ratio, norm_
                                    norm_pix=norm_pix)
         loss.backward()
 
-    p64, i64 = leaf(pred, torch.float64), leaf(imgs, torch.float64)
-    ref = R.masked_mse_loss(p64, i64, patch, mask=mask.double(), norm_pix_target=norm_pix)
-    ref.backward()
-    plow, ilow = leaf(pred), leaf(imgs)
-    low = R.masked_mse_loss(plow, ilow, patch, mask=mask.to(dtype), norm_pix_target=norm_pix)
-    low.backward()
-    check(loss, ref.detach(), low.detach(), dtype, rtol=1e-5, atol=1e-6, what="loss")
-    check(pred.grad, p64.grad, plow.grad, dtype, rtol=1e-5, atol=1e-6, what="pred grad")
-    if imgs_grad:
-        scale = norm_pix_scale(imgs, patch, p64.grad) if norm_pix else p64.grad.abs().max().item()
-        check(imgs.grad, i64.grad, ilow.grad, dtype, rtol=1e-4, atol=1e-5 * max(scale, 1e-3), atol16=2e-3,
-              what="image grad")
+    check_loss_and_grads(loss, pred, imgs, patch, dtype, norm_pix, imgs_grad,
+                         ref_kw=dict(mask=mask.double()), low_kw=dict(mask=mask.to(dtype)))
 
 
 @FUZZ
@@ -293,18 +300,8 @@ def test_masked_mse_loss_with_ids(spec, layout, dtype, path, seed, ids_dtype, ra
         loss = ops.masked_mse_loss(pred, imgs, patch, ids=ids, norm_pix=norm_pix)
         loss.backward()
 
-    p64, i64 = leaf(pred, torch.float64), leaf(imgs, torch.float64)
-    ref = R.masked_mse_loss(p64, i64, patch, ids=ids, norm_pix_target=norm_pix)
-    ref.backward()
-    plow, ilow = leaf(pred), leaf(imgs)
-    low = R.masked_mse_loss(plow, ilow, patch, ids=ids, norm_pix_target=norm_pix)
-    low.backward()
-    check(loss, ref.detach(), low.detach(), dtype, rtol=1e-5, atol=1e-6, what="loss")
-    check(pred.grad, p64.grad, plow.grad, dtype, rtol=1e-5, atol=1e-6, what="pred grad")
-    if imgs_grad:
-        scale = norm_pix_scale(imgs, patch, p64.grad) if norm_pix else p64.grad.abs().max().item()
-        check(imgs.grad, i64.grad, ilow.grad, dtype, rtol=1e-4, atol=1e-5 * max(scale, 1e-3), atol16=2e-3,
-              what="image grad")
+    check_loss_and_grads(loss, pred, imgs, patch, dtype, norm_pix, imgs_grad,
+                         ref_kw=dict(ids=ids), low_kw=dict(ids=ids))
 
 
 # ----------------------------------------------------------------------------- token ops
