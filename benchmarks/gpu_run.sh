@@ -15,7 +15,7 @@
 #   MAE_FAST_PROFILE_CASE [official-vit_b16]   the case benchmarks/profile_step.py profiles
 #   MAE_FAST_RESULTS_DIR [benchmarks/results]   where results.csv, <gpu>.md/.png and gpu_logs/ go
 #   TORCH_CUDA_ARCH_LIST [9.0]   only the H200's arch: half the nvcc time of the default 8.0;9.0+PTX
-# Where $OUT is set (the device runner's output folder) benchmarks/results/ is copied there at the end.
+# Where $OUT is set (the device runner's output folder) benchmarks/results/ is archived there at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
@@ -146,8 +146,8 @@ stage profile 45 $(( BUDGET - 70 )) profile
 stage bench-ops 120 $(( BUDGET - 25 )) bench_ops
 stage report 30 "$BUDGET" report
 
-if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-  mkdir -p "$OUT/benchmarks" && cp -r "$RES" "$OUT/benchmarks/" && echo "copied $RES to $OUT/benchmarks/"
+if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then  # one archive: the runner returns few files, 2 folders deep
+  tar czf "$OUT/gpu_results.tgz" "$RES" && echo "archived $RES to \$OUT/gpu_results.tgz"
 fi
 
 echo
