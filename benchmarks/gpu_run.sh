@@ -60,10 +60,12 @@ stage() {
 }
 
 build() {
+  # `python -m pip`: a bare `pip` there can be another Python's, which has no torch (a build with no
+  # extension, installed where the benchmarks' python does not look)
   if [ "${MAE_FAST_SKIP_BUILD:-0}" = 1 ]; then echo "MAE_FAST_SKIP_BUILD=1: using the installed build"; return 0; fi
-  MAX_JOBS=16 pip install -e . --no-build-isolation --no-deps --no-index -q && return 0
+  MAX_JOBS=16 python -m pip install -e . --no-build-isolation --no-deps --no-index -q && return 0
   echo "!! pip install -e failed; trying a plain install, then setup.py develop"
-  MAX_JOBS=16 pip install . --no-build-isolation --no-deps --no-index -q && return 0
+  MAX_JOBS=16 python -m pip install . --no-build-isolation --no-deps --no-index -q && return 0
   MAX_JOBS=16 python setup.py develop --no-deps && return 0
   echo "!! no install worked; building the extension in place (PYTHONPATH has the repo root)"
   MAX_JOBS=16 python setup.py build_ext --inplace

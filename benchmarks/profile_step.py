@@ -61,14 +61,15 @@ def profile_provider(case, provider: str, steps: int, warmup: int) -> dict:
         S._sync()
         wall = (time.perf_counter() - t0) / steps
     times = defaultdict(float)
-    for e in prof.key_averages():
-        if S.CUDA:  # kernels carry device time; the aten ops above them carry none of their own
-            us = getattr(e, "self_device_time_total", None)
-            us = e.self_cuda_time_total if us is None else us
-        else:
-            us = e.self_cpu_time_total if e.key.startswith("aten::") else 0.0
-        if us > 0:
-            times[e.key] += us * 1e-6 / steps
+    if S.CUDA:  # device-side events only (kernels, memcpy/memset): the aten ops above them also
+        # report their kernels' time as their own, so counting both would count it twice
+        for e in prof.events():
+            if e.device_type != torch.autograd.DeviceType.CPU:
+                times[e.name] += e.time_range.elapsed_us() * 1e-6 / steps
+    else:
+        for e in prof.key_averages():
+            if e.key.startswith("aten::") and e.self_cpu_time_total > 0:
+                times[e.key] += e.self_cpu_time_total * 1e-6 / steps
     del model, opt, step
     S._cleanup(provider.endswith("_compiled"))
     return dict(wall=wall, times=dict(times))

@@ -198,3 +198,18 @@ def test_emulated_cuda_unshuffle_backward(emu, dtype, D, P):
                         torch.testing.assert_close(gmask, want[1], rtol=1e-5, atol=1e-5)
                     if need_pos:
                         torch.testing.assert_close(gpos, want[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_runs_the_compiled_kernels_not_the_fallbacks():
+    """On CUDA every op must reach its Triton kernels and the extension's CUDA kernels: a broken
+    install (no mae_fast.kernels, no _C) would otherwise pass every parity test on the fallbacks."""
+    from mae_fast.ops.patchify import triton_kernels
+
+    x = torch.zeros(1, device="cuda")
+    for name in ("patchify", "masked_mse_loss", "add_layer_norm"):
+        mod = triton_kernels(name, x)
+        assert mod is not None, f"mae_fast.kernels.{name} is not importable: CUDA runs the fallback"
+    assert _ext.AVAILABLE, _ext.UNAVAILABLE_REASON
+    for op in TOKEN_OPS:
+        assert _ext.has_kernel(op, "cuda"), f"no CUDA kernel registered for mae_fast::{op}"

@@ -58,7 +58,7 @@ def masked_mse_loss_torch(pred, imgs, mask, ids, ph, pw, norm_pix):
         denom = w.sum() * P
         total = (se * w).sum()
     else:
-        denom = torch.tensor(float(se.numel() * P), dtype=cd, device=pred.device)
+        denom = se.new_full((), float(se.numel() * P))  # a fill kernel: torch.tensor would copy from the host
         total = se.sum()
     return (total / denom).to(_loss_dtype(pred, imgs, mask)), denom.to(torch.float32)
 
