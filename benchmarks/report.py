@@ -139,6 +139,7 @@ def markdown(run) -> str:
     lines = [f"# mae_fast benchmarks: {meta['device']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit `{meta['commit']}`, run {meta['date']} "
              "(all rows of one `pytest benchmarks/` session; speedups compare rows of this run only).", ""]
+    lines += [*fallback_warning(run), ""] if fallback_warning(run) else []
     if cpu:
         lines += ["**CPU run.** Only the ratios between providers mean something here; absolute CPU times "
                   "and MFU say nothing about GPU performance. fp32, single thread.", ""]
@@ -257,10 +258,18 @@ def op_rows(run):
     return sorted(rows, key=lambda r: (r[0], order.get(r[1], 9), r[1]))
 
 
+def fallback_warning(run) -> list[str]:
+    """A warning line when mae_fast's rows of this run ran the PyTorch fallbacks of its ops."""
+    why = sorted({v for (_, _, metric), v in run["text"].items() if metric == "ops_path" and v.startswith("PyTorch")})
+    return [f"**WARNING: the mae_fast rows of this run ran the PyTorch fallbacks of its ops, not its kernels** "
+            f"({'; '.join(why)})."] if why else []
+
+
 def summary(run) -> str:
     """A short fixed-width table: step images/s, speedups, memory, MFU, then the targets."""
     meta, M = run["meta"], run["metrics"]
     lines = [f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['commit']} | {meta['date']}",
+             *fallback_warning(run),
              f"{'case':18s} {'provider':19s} {'img/s':>9s} {'vs ref':>7s} {'vs ref_c':>8s} {'vs hf/vp':>8s} "
              f"{'peak MB':>9s} {'MFU':>6s}"]
     for case in step_cases(run):

@@ -92,3 +92,22 @@ def test_cli_writes_markdown_and_chart(results, tmp_path):
     assert report.main(["--csv", str(results), "--md", str(md)]) == 2  # one file, two devices
     assert report.main(["--csv", str(tmp_path / "missing.csv")]) == 1
     assert report.main(["--csv", str(results), "--summary"]) == 0
+
+
+def test_fallback_runs_are_flagged(results, tmp_path):
+    runs = {r["meta"]["device"]: r for r in report.latest_per_device(report.load_runs(results))}
+    assert "WARNING" not in report.markdown(runs["NVIDIA H200"]) + report.summary(runs["NVIDIA H200"])
+    why = "PyTorch fallbacks: no mae_fast.kernels.patchify"
+    path = tmp_path / "fallback.csv"
+    _write(path, _run("NVIDIA H200", "2026-03-01T00:00:00Z", {("official-vit_b16", "mae_fast"): {"images_per_s": 5}},
+                      extra=[("official-vit_b16", "mae_fast", "ops_path", why)]))
+    run = report.latest_per_device(report.load_runs(path))[0]
+    for text in (report.markdown(run), report.summary(run)):
+        assert "ran the PyTorch fallbacks of its ops, not its kernels" in text and why in text
+
+
+def test_bench_step_records_the_ops_path_on_cpu():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import test_bench_step
+
+    assert test_bench_step.ops_path() == "cpu"
