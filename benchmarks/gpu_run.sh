@@ -63,14 +63,14 @@ build() {
   # `python -m pip`: a bare `pip` there can be another Python's, which has no torch (a build with no
   # extension, installed where the benchmarks' python does not look)
   if [ "${MAE_FAST_SKIP_BUILD:-0}" = 1 ]; then echo "MAE_FAST_SKIP_BUILD=1: using the installed build"; return 0; fi
-  MAX_JOBS=16 python -m pip install -e . --no-build-isolation --no-deps --no-index -q && return 0
-  echo "!! pip install -e failed; trying a plain install"
-  MAX_JOBS=16 python -m pip install . --no-build-isolation --no-deps --no-index -q && return 0
-  echo "!! no install worked; building the extension in place (PYTHONPATH has the repo root) and linking"
-  echo "!! mae_fast/kernels to kernels/, so that mae_fast.kernels imports from the source tree"
+  local pipi="python -m pip install --no-build-isolation --no-deps --no-index -q"
+  MAX_JOBS=16 $pipi -e . || { echo "!! pip install -e failed; trying a plain install"; MAX_JOBS=16 $pipi .; }
+  local check="import torch, mae_fast.kernels.patchify, mae_fast._C"
+  python -c "$check" && return 0
+  echo "!! the install does not give mae_fast.kernels and mae_fast._C; building the extension in place"
+  echo "!! (PYTHONPATH has the repo root) and linking mae_fast/kernels to kernels/"
   [ -e mae_fast/kernels ] || ln -s ../kernels mae_fast/kernels
-  MAX_JOBS=16 python setup.py build_ext --inplace
-  return 1
+  MAX_JOBS=16 python setup.py build_ext --inplace && python -c "$check"
 }
 
 verify() {

@@ -356,11 +356,15 @@ def main(argv=None) -> int:
     ap.add_argument("--png", default=None, help="chart output; default results/<device>.png")
     ap.add_argument("--outdir", type=Path, default=RESULTS, help="where the default <device>.md/.png go")
     ap.add_argument("--summary", action="store_true", help="print a short text table only (writes nothing)")
+    ap.add_argument("--run", default=None, help="the run whose id (date) starts with this, instead of the latest")
     args = ap.parse_args(argv)
     if not args.csv.exists():
         print(f"no results file at {args.csv}: run `pytest benchmarks/` first", file=sys.stderr)
         return 1
-    runs = latest_per_device(load_runs(args.csv), args.device)
+    runs = load_runs(args.csv)
+    if args.run:
+        runs = {key: run for key, run in runs.items() if key[1].startswith(args.run)}
+    runs = latest_per_device(runs, args.device)
     if not runs:
         print(f"no runs in {args.csv}" + (f" for device {args.device!r}" if args.device else ""), file=sys.stderr)
         return 1

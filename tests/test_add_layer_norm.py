@@ -414,8 +414,13 @@ def test_gpu_vit_b_shapes(case):
     _, n64, gs64 = ref64(inputs, 1e-6, g_res.double(), g_n.double())
     assert torch.equal(r, rl)
     for out, low, o64 in zip([n, *gs], [nl, *gsl], [n64, *gs64]):
-        if out.dtype == torch.float32:
-            close64(out, o64, rtol=1e-5, atol=1e-4 if out.dim() == 1 else 1e-5)  # weight/bias: sums of 12800+ rows
+        if out.dtype == torch.float32 and out.dim() == 1:
+            # weight/bias grads: fp32 sums over 12,800-50,432 rows, so the fp32 rounding of any sum
+            # order, torch's included, reaches ~1e-4 (seen on an H200: torch's 1.2e-4 on the decoder);
+            # the 2x rule against torch's fp32 (DESIGN 6) instead of a fixed atol
+            assert_2x_rule(out, o64, low, 2.0 ** -23)
+        elif out.dtype == torch.float32:
+            close64(out, o64, rtol=1e-5, atol=1e-5)
         else:
             assert_2x_rule(out, o64, low, ULP[out.dtype])
 

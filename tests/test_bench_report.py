@@ -92,6 +92,8 @@ def test_cli_writes_markdown_and_chart(results, tmp_path):
     assert report.main(["--csv", str(results), "--md", str(md)]) == 2  # one file, two devices
     assert report.main(["--csv", str(tmp_path / "missing.csv")]) == 1
     assert report.main(["--csv", str(results), "--summary"]) == 0
+    assert report.main(["--csv", str(results), "--device", "H200", "--run", "2026-01", "--md", str(md)]) == 0
+    assert "run 2026-01-01T00:00:00Z" in md.read_text()  # an older run, picked by its id
 
 
 def test_fallback_runs_are_flagged(results, tmp_path):
