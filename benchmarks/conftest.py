@@ -26,6 +26,7 @@ import datetime as _dt
 import math
 import os
 import platform
+import statistics
 import subprocess
 import tempfile
 import time
@@ -165,6 +166,8 @@ class _ShimStats:
         self.median = xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
         self.rounds = n
         self.min, self.max = xs[0], xs[-1]
+        quartiles = statistics.quantiles(xs, n=4) if n > 1 else [xs[0]] * 3
+        self.iqr = quartiles[2] - quartiles[0]
 
 
 class _ShimBenchmark:

@@ -19,11 +19,32 @@ from .ops.add_layer_norm import add_layer_norm
 from .ops.patchify import triton_kernels
 
 
+class _SplitHeads(torch.autograd.Function):
+    """The views of split_heads, with a backward that writes the three head gradients straight into
+    one (B, N, 3, heads, d) buffer: one pass. Autograd's own backward of the three selects
+    zero-fills a full-size gradient per select, sums the three and then makes the permuted sum
+    contiguous for the qkv Linear: about 6x the memory traffic (on an H200 profile of the ViT-B
+    step, copy/fill kernels were a quarter of the time). Bitwise the same gradient."""
+
+    @staticmethod
+    def forward(ctx, qkv, heads):
+        B, N, three_inner = qkv.shape
+        ctx.heads = heads
+        x = qkv.view(B, N, 3, heads, three_inner // (3 * heads)).permute(2, 0, 3, 1, 4)
+        return x[0], x[1], x[2]
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        B, H, N, d = gq.shape
+        grad = gq.new_empty(B, N, 3, H, d)
+        for i, g in enumerate((gq, gk, gv)):
+            grad[:, :, i].copy_(g.transpose(1, 2))
+        return grad.view(B, N, 3 * H * d), None
+
+
 def split_heads(qkv: torch.Tensor, heads: int):
     """(B, N, 3 * heads * d) -> three (B, heads, N, d) views."""
-    B, N, three_inner = qkv.shape
-    qkv = qkv.view(B, N, 3, heads, three_inner // (3 * heads)).permute(2, 0, 3, 1, 4)
-    return qkv[0], qkv[1], qkv[2]
+    return _SplitHeads.apply(qkv, heads)
 
 
 def attend(qkv: torch.Tensor, heads: int, dropout_p: float = 0.0) -> torch.Tensor:
