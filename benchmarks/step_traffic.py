@@ -1,0 +1,116 @@
+"""Bytes in and out of every op of one training step, counted on CPU and scaled to a GPU batch:
+a GPU-free measure of memory traffic for changes that move data (it counts bytes; it times nothing).
+
+Every op that makes or writes a tensor counts its tensor inputs and outputs (views count nothing; a
+mae_fast op counts as one op, its fallback's internals not at all -- what its kernel reads and
+writes). The step runs under bf16 autocast at two batch sizes; per op, the difference gives the
+bytes per image, scaled to --batch, plus a batch-independent part (weights, optimizer).
+--fused counts the residual add + LayerNorm as the fused op, as it runs on CUDA.
+
+    python -m benchmarks.step_traffic --preset base --batch 256 --fused
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+from unittest import mock
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from mae_fast import layers  # noqa: E402
+from mae_fast.presets import PRESETS, build_model  # noqa: E402
+
+VIEWS = {"view", "_unsafe_view", "permute", "transpose", "t", "expand", "unsqueeze", "squeeze", "select", "slice",
+         "detach", "alias", "as_strided", "unbind", "split", "split_with_sizes", "chunk"}
+
+
+def _bytes(tree) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor))
+
+
+class OpBytes(TorchDispatchMode):
+    """{op name: [calls, bytes in + out]} of the ops dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.defaultdict(lambda: [0, 0])
+        self._inside = 0  # > 0 inside a mae_fast op: its fallback's ops are not counted
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self._inside:
+            return func(*args, **kwargs)
+        ours = func.namespace == "mae_fast"
+        self._inside += ours
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self._inside -= ours
+        name, moved = func.overloadpacket.__name__, _bytes((args, kwargs)) + _bytes(out)
+        if name not in VIEWS and moved:
+            row = self.ops[f"{func.namespace}.{name}"]
+            row[0] += 1
+            row[1] += moved
+        return out
+
+
+def count(preset: str, batch: int, fused: bool) -> dict:
+    """{op: (calls, bytes at `batch`)} of one training step, from steps at batch 2 and 4."""
+    torch.manual_seed(0)
+    model = build_model(preset)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+    size = PRESETS[preset][0]
+
+    def step(b):
+        imgs = torch.randn(b, 3, size, size)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(imgs, mask_ratio=0.75, return_pred=False)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def fuses(x, norm):  # as layers._fuses on CUDA (fused) or on CPU without the interpreter (not)
+        return fused and type(norm) is torch.nn.LayerNorm and not torch.compiler.is_compiling()
+
+    counted = {}
+    with mock.patch.object(layers, "_fuses", fuses):
+        for b in (2, 4):
+            step(b)  # optimizer state exists before the counted step
+            with OpBytes() as mode:
+                step(b)
+            counted[b] = mode.ops
+    out = {}
+    for op in set(counted[2]) | set(counted[4]):
+        (n2, b2), (n4, b4) = counted[2].get(op, (0, 0)), counted[4].get(op, (0, 0))
+        per_image = (b4 - b2) / 2
+        out[op] = (n4, (b2 - 2 * per_image) + per_image * batch)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="base", choices=sorted(PRESETS))
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--fused", action="store_true", help="count the fused add + LayerNorm op, as on CUDA")
+    ap.add_argument("--gbps", type=float, default=4244.0, help="bandwidth for the ms column (H200 copy, measured)")
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args(argv)
+    ops = count(args.preset, args.batch, args.fused)
+    total = sum(b for _, b in ops.values())
+    print(f"{args.preset}, batch {args.batch}, bf16 autocast, {'fused' if args.fused else 'unfused'} add + norm")
+    for op, (n, b) in sorted(ops.items(), key=lambda kv: -kv[1][1])[:args.top]:
+        print(f"{op:60s} {n:5d} calls {b / 1e9:8.2f} GB {b / args.gbps / 1e6:7.2f} ms")
+    print(f"total: {total / 1e9:.1f} GB per step ({total / args.gbps / 1e6:.1f} ms at {args.gbps:g} GB/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
