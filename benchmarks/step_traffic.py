@@ -1,9 +1,9 @@
 """Bytes in and out of every op of one training step, counted on CPU and scaled to a GPU batch:
 a GPU-free measure of memory traffic for changes that move data (it counts bytes; it times nothing).
 
-Every op that makes or writes a tensor counts its tensor inputs and outputs (views count nothing; a
-mae_fast op counts as one op, its fallback's internals not at all -- what its kernel reads and
-writes). The step runs under bf16 autocast at two batch sizes; per op, the difference gives the
+Every op that makes or writes a tensor counts its tensor inputs and outputs (views and allocations
+count nothing, copy_/fill_ do not read their destination; a mae_fast op counts as one op, its
+fallback's internals not at all -- what its kernel reads and writes). The step runs under bf16 autocast at two batch sizes; per op, the difference gives the
 bytes per image, scaled to --batch, plus a batch-independent part (weights, optimizer).
 --fused counts the residual add + LayerNorm as the fused op, as it runs on CUDA.
 
@@ -30,6 +30,8 @@ from mae_fast.presets import PRESETS, build_model  # noqa: E402
 
 VIEWS = {"view", "_unsafe_view", "permute", "transpose", "t", "expand", "unsqueeze", "squeeze", "select", "slice",
          "detach", "alias", "as_strided", "unbind", "split", "split_with_sizes", "chunk"}
+ALLOCS = {"empty", "new_empty", "empty_like", "empty_strided", "new_empty_strided"}  # touch no memory
+OVERWRITES = {"copy_", "fill_", "zero_"}
 
 
 def _bytes(tree) -> int:
@@ -54,7 +56,11 @@ class OpBytes(TorchDispatchMode):
             out = func(*args, **kwargs)
         finally:
             self._inside -= ours
-        name, moved = func.overloadpacket.__name__, _bytes((args, kwargs)) + _bytes(out)
+        name = func.overloadpacket.__name__
+        if name in ALLOCS:
+            return out
+        reads = (args[1:], kwargs) if name in OVERWRITES else (args, kwargs)  # their destination is not read
+        moved = _bytes(reads) + _bytes(out)
         if name not in VIEWS and moved:
             row = self.ops[f"{func.namespace}.{name}"]
             row[0] += 1
