@@ -24,12 +24,11 @@ class _SplitHeads(torch.autograd.Function):
     one (B, N, 3, heads, d) buffer: one pass. Autograd's own backward of the three selects
     zero-fills a full-size gradient per select, sums the three and then makes the permuted sum
     contiguous for the qkv Linear: about 6x the memory traffic (on an H200 profile of the ViT-B
-    step, copy/fill kernels were a quarter of the time). Bitwise the same gradient."""
+    step, copy/cast kernels were a quarter of the kernel time). Bitwise the same gradient."""
 
     @staticmethod
     def forward(ctx, qkv, heads):
         B, N, three_inner = qkv.shape
-        ctx.heads = heads
         x = qkv.view(B, N, 3, heads, three_inner // (3 * heads)).permute(2, 0, 3, 1, 4)
         return x[0], x[1], x[2]
 
