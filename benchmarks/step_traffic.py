@@ -3,8 +3,9 @@ a GPU-free measure of memory traffic for changes that move data (it counts bytes
 
 Every op that makes or writes a tensor counts its tensor inputs and outputs (views and allocations
 count nothing, copy_/fill_ do not read their destination; a mae_fast op counts as one op, its
-fallback's internals not at all -- what its kernel reads and writes). The step runs under bf16 autocast at two batch sizes; per op, the difference gives the
-bytes per image, scaled to --batch, plus a batch-independent part (weights, optimizer).
+fallback's internals not at all -- what its kernel reads and writes). The step runs under bf16
+autocast at two batch sizes; per op, the difference gives the bytes per image, scaled to --batch,
+plus a batch-independent part (weights, optimizer).
 --fused counts the residual add + LayerNorm as the fused op, as it runs on CUDA.
 
     python -m benchmarks.step_traffic --preset base --batch 256 --fused
@@ -57,11 +58,11 @@ class OpBytes(TorchDispatchMode):
         finally:
             self._inside -= ours
         name = func.overloadpacket.__name__
-        if name in ALLOCS:
+        if name in VIEWS or name in ALLOCS:
             return out
         reads = (args[1:], kwargs) if name in OVERWRITES else (args, kwargs)  # their destination is not read
         moved = _bytes(reads) + _bytes(out)
-        if name not in VIEWS and moved:
+        if moved:
             row = self.ops[f"{func.namespace}.{name}"]
             row[0] += 1
             row[1] += moved

@@ -38,7 +38,6 @@ MODES = ["fwd", "fwd_bwd"]
 _RESULTS = {}
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def _summary(op_suite_env, print_op_table):
     yield

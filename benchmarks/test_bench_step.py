@@ -461,16 +461,11 @@ def ops_path() -> str:
     """Which implementation mae_fast's ops run on this device: on CUDA a broken install (no
     mae_fast.kernels, no _C) silently runs the PyTorch fallbacks, and its numbers are then not
     mae_fast's kernels. Recorded with every mae_fast row (metric ops_path) and flagged by report.py."""
-    from mae_fast import _ext
-    from mae_fast.ops import tokens
-    from mae_fast.ops.patchify import triton_kernels
+    from mae_fast.info import missing_cuda_kernels
 
     if not CUDA:
         return "cpu"
-    probe = torch.zeros(1, device="cuda")
-    missing = [f"mae_fast.kernels.{k}" for k in ("patchify", "masked_mse_loss", "add_layer_norm")
-               if triton_kernels(k, probe) is None]
-    missing += [f"mae_fast::{op} CUDA kernel" for op in tokens.OPS if not _ext.has_kernel(op, "cuda")]
+    missing = missing_cuda_kernels()
     return f"PyTorch fallbacks: no {', '.join(missing)}" if missing else "compiled kernels"
 
 

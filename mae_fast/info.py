@@ -5,6 +5,21 @@ import os
 import platform
 
 
+KERNEL_MODULES = ("patchify", "masked_mse_loss", "add_layer_norm")  # mae_fast.kernels.*
+
+
+def missing_cuda_kernels() -> list[str]:
+    """The kernels a CUDA run of this installation lacks, and so runs as PyTorch fallbacks: Triton
+    kernel modules that do not import, token ops the extension has no CUDA kernel for. Empty when
+    CUDA runs mae_fast's own kernels throughout. Initialises no CUDA."""
+    from mae_fast import _ext
+    from mae_fast.ops import tokens
+    from mae_fast.ops.patchify import _load_kernels
+
+    missing = [f"mae_fast.kernels.{name}" for name in KERNEL_MODULES if _load_kernels(name) is None]
+    return missing + [f"mae_fast::{op} CUDA kernel" for op in tokens.OPS if not _ext.has_kernel(op, "cuda")]
+
+
 def collect() -> dict:
     import torch
 
@@ -33,6 +48,9 @@ def collect() -> dict:
             info["extension"] += f"; {build['reason']}"
     else:
         info["extension"] = f"not available: {_ext.UNAVAILABLE_REASON}; ops use PyTorch fallbacks"
+    missing = missing_cuda_kernels()
+    info["CUDA kernels"] = "all present" if not missing else \
+        f"missing {', '.join(missing)}: CUDA runs their PyTorch fallbacks"
     if torch.cuda.is_available():
         info["GPU"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     else:
