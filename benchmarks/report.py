@@ -139,7 +139,8 @@ def markdown(run) -> str:
     lines = [f"# mae_fast benchmarks: {meta['device']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, commit `{meta['commit']}`, run {meta['date']} "
              "(all rows of one `pytest benchmarks/` session; speedups compare rows of this run only).", ""]
-    lines += [*fallback_warning(run), ""] if fallback_warning(run) else []
+    warning = fallback_warning(run)
+    lines += [*warning, ""] if warning else []
     if cpu:
         lines += ["**CPU run.** Only the ratios between providers mean something here; absolute CPU times "
                   "and MFU say nothing about GPU performance. fp32, single thread.", ""]
