@@ -10,7 +10,8 @@
 #
 # Environment knobs (defaults in brackets):
 #   MAE_FAST_GPU_BUDGET_S [450]  wall-clock budget of the whole script; stages shrink to fit
-#   MAE_FAST_SKIP_BUILD=1        use the installed build; MAE_FAST_SKIP_TESTS=1 skips pytest -m gpu
+#   MAE_FAST_GPU_STAGES [all]    the stages to run, e.g. "info,bench-step,report" for a second call on
+#                                a warm machine; bench-step then takes the time of the stages left out
 #   MAE_FAST_BENCH_CASES, MAE_FAST_BENCH_PROVIDERS, MAE_FAST_BENCH_ROUNDS   see test_bench_step.py
 #   MAE_FAST_PROFILE_CASE [official-vit_b16]   the case benchmarks/profile_step.py profiles
 #   MAE_FAST_RESULTS_DIR [benchmarks/results]   where results.csv, <gpu>.md/.png and gpu_logs/ go
@@ -36,8 +37,11 @@ SUMMARY=()
 elapsed() { echo $(( $(date +%s) - T0 )); }
 
 # stage NAME MAX_SECONDS END_BY_SECONDS command...: runs with timeout min(MAX, END_BY - elapsed)
+wanted() { [[ ",${MAE_FAST_GPU_STAGES:-all}," == *",all,"* || ",${MAE_FAST_GPU_STAGES:-}," == *",$1,"* ]]; }
+
 stage() {
   local name=$1 max=$2 end_by=$3; shift 3
+  wanted "$name" || return 0
   local left=$(( end_by - $(elapsed) )) limit=$max
   (( left < limit )) && limit=$left
   if (( limit < 10 )); then
@@ -62,7 +66,6 @@ stage() {
 build() {
   # `python -m pip`: a bare `pip` there can be another Python's, which has no torch (a build with no
   # extension, installed where the benchmarks' python does not look)
-  if [ "${MAE_FAST_SKIP_BUILD:-0}" = 1 ]; then echo "MAE_FAST_SKIP_BUILD=1: using the installed build"; return 0; fi
   local pipi="python -m pip install --no-build-isolation --no-deps --no-index -q"
   MAX_JOBS=16 $pipi -e . || { echo "!! pip install -e failed; trying a plain install"; MAX_JOBS=16 $pipi .; }
   local check="import torch, mae_fast.kernels.patchify, mae_fast._C"
@@ -128,12 +131,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 
 stage build 200 $(( BUDGET - 250 )) build
 stage info 40 $(( BUDGET - 230 )) verify
-if [ "${MAE_FAST_SKIP_TESTS:-0}" != 1 ]; then
-  # a test module whose imports are missing there (hypothesis, transformers) must not stop the rest
-  stage gpu-tests 90 $(( BUDGET - 200 )) python -m pytest -m gpu tests/ -q -p no:cacheprovider \
-    --continue-on-collection-errors
-fi
-STEP_END=$(( BUDGET - 110 ))
+# a test module whose imports are missing there (hypothesis, transformers) must not stop the rest
+stage gpu-tests 90 $(( BUDGET - 200 )) python -m pytest -m gpu tests/ -q -p no:cacheprovider \
+  --continue-on-collection-errors
+# what the stages after bench-step need (profile 40 s, bench-ops 45 s, report 25 s), where they run
+STEP_END=$(( BUDGET - 25 - $(wanted profile && echo 40 || echo 0) - $(wanted bench-ops && echo 45 || echo 0) ))
 STEP_LIMIT=$(( STEP_END - $(elapsed) ))
 stage bench-step "$STEP_LIMIT" "$STEP_END" bench_step "$STEP_LIMIT"
 stage profile 45 $(( BUDGET - 70 )) profile
