@@ -24,8 +24,9 @@ depth-1 models, batch 8, 3 rounds, one compiled provider (CI keeps the harness a
 Per case and provider (benchmark.extra_info, then benchmarks/results/results.csv):
   images_per_s      batch / median step time; each pytest-benchmark round is one step (+ a CUDA
                     sync); warm-up steps (compilation included) are excluded
-  peak_mem_mb       CUDA: torch.cuda.max_memory_allocated over the measured steps (reset before,
-                    weights + AdamW state included). CPU: bytes alive at the step start (weights,
+  peak_mem_mb       CUDA: torch.cuda.max_memory_allocated from the first step on (reset before
+                    it; weights + AdamW state included): a CUDA graph's replays allocate nothing,
+                    so only its capture, in the warm-up steps, shows the memory it holds. CPU: bytes alive at the step start (weights,
                     AdamW state, inputs) + the peak of the profiler's allocation trace over one
                     step (torch.profiler profile_memory; library-internal scratch is not seen)
   tflops, mfu       counted model FLOPs (benchmarks/flops.py, the same numerator for every
@@ -490,6 +491,8 @@ def test_step(benchmark, case, provider, bench_record, bench_quick, ceiling, req
     imgs, noise = step.inputs
 
     warmup, rounds = _rounds(bench_quick)
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     try:
         loss0 = step().item()
@@ -505,8 +508,6 @@ def test_step(benchmark, case, provider, bench_record, bench_quick, ceiling, req
         step()
     _sync()
     gc.collect()
-    if CUDA:
-        torch.cuda.reset_peak_memory_stats()
 
     def run():
         step()
