@@ -13,7 +13,8 @@
 #   MAE_FAST_GPU_STAGES [all]    the stages to run, e.g. "info,bench-step,report" for a second call on
 #                                a warm machine; bench-step then takes the time of the stages left out
 #   MAE_FAST_BENCH_CASES, MAE_FAST_BENCH_PROVIDERS, MAE_FAST_BENCH_ROUNDS   see test_bench_step.py
-#   MAE_FAST_PROFILE_CASE [official-vit_b16]   the case benchmarks/profile_step.py profiles
+#   MAE_FAST_PROFILE_CASE [official-vit_b16], MAE_FAST_PROFILE_PROVIDERS [mae_fast,reference]
+#                                what benchmarks/profile_step.py profiles
 #   MAE_FAST_RESULTS_DIR [benchmarks/results]   where results.csv, <gpu>.md/.png and gpu_logs/ go
 #   TORCH_CUDA_ARCH_LIST [9.0]   only the H200's arch: half the nvcc time of the default 8.0;9.0+PTX
 # Where $OUT is set (the device runner's output folder) benchmarks/results/ is archived there at the end.
@@ -113,7 +114,18 @@ bench_ops() {
 
 profile() {  # where the ViT-B/16 step's time goes, by kernel category, and the GPU-busy fraction
   python -m benchmarks.profile_step --case "${MAE_FAST_PROFILE_CASE:-official-vit_b16}" \
-    --providers mae_fast,reference --steps 5 --out "$LOGS/profile.md"
+    --providers "${MAE_FAST_PROFILE_PROVIDERS:-mae_fast,reference}" --steps 5 --out "$LOGS/profile.md"
+}
+
+gpu_tests() {
+  # the most telling first (the kernels are the ones used, model parity, no host sync), the slow
+  # many-shape sweeps last: a stage cut short by its timeout still says the most it can
+  local first="test_extension test_models test_patchify test_masked_mse_loss test_add_layer_norm test_tokens"
+  local files=() f
+  for f in $first; do files+=("tests/$f.py"); done
+  for f in tests/test_*.py; do [[ " $first " == *" $(basename "$f" .py) "* ]] || files+=("$f"); done
+  # a test module whose imports are missing there (hypothesis, transformers) must not stop the rest
+  python -m pytest -m gpu "${files[@]}" -q -p no:cacheprovider --continue-on-collection-errors --durations=10
 }
 
 gpu_name() { python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')" 2>/dev/null || echo NVIDIA; }
@@ -124,16 +136,14 @@ report() {
 }
 
 export ROOT RES LOGS
-export -f build verify bench_opts bench_step profile bench_ops gpu_name report
+export -f build verify bench_opts bench_step profile gpu_tests bench_ops gpu_name report
 
 echo "mae_fast GPU run: $(date -u), budget ${BUDGET}s, run id $MAE_FAST_BENCH_DATE, commit ${MAE_FAST_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | head -3
 
 stage build 200 $(( BUDGET - 250 )) build
 stage info 40 $(( BUDGET - 230 )) verify
-# a test module whose imports are missing there (hypothesis, transformers) must not stop the rest
-stage gpu-tests 90 $(( BUDGET - 200 )) python -m pytest -m gpu tests/ -q -p no:cacheprovider \
-  --continue-on-collection-errors
+stage gpu-tests 150 $(( BUDGET - 200 )) gpu_tests
 # what the stages after bench-step need (profile 40 s, bench-ops 45 s, report 25 s), where they run
 STEP_END=$(( BUDGET - 25 - $(wanted profile && echo 40 || echo 0) - $(wanted bench-ops && echo 45 || echo 0) ))
 STEP_LIMIT=$(( STEP_END - $(elapsed) ))

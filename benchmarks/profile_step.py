@@ -60,19 +60,20 @@ def profile_provider(case, provider: str, steps: int, warmup: int) -> dict:
             step()
         S._sync()
         wall = (time.perf_counter() - t0) / steps
-    times = defaultdict(float)
+    times, launches = defaultdict(float), 0
     if S.CUDA:  # device-side events only (kernels, memcpy/memset): the aten ops above them also
         # report their kernels' time as their own, so counting both would count it twice
         for e in prof.events():
             if e.device_type != torch.autograd.DeviceType.CPU:
                 times[e.name] += e.time_range.elapsed_us() * 1e-6 / steps
+                launches += 1
     else:
         for e in prof.key_averages():
             if e.key.startswith("aten::") and e.self_cpu_time_total > 0:
                 times[e.key] += e.self_cpu_time_total * 1e-6 / steps
     del model, opt, step
-    S._cleanup(provider.endswith("_compiled"))
-    return dict(wall=wall, times=dict(times))
+    S._cleanup(S.compile_mode(provider) is not None)
+    return dict(wall=wall, times=dict(times), launches=launches / steps)
 
 
 def render(case, results: dict, top: int = 8) -> str:
@@ -84,7 +85,8 @@ def render(case, results: dict, top: int = 8) -> str:
         for name, t in r["times"].items():
             by_cat[category(name)] += t
         lines += [f"**{provider}**: {r['wall'] * 1e3:.2f} ms/step wall, {busy * 1e3:.2f} ms/step in {unit}s"
-                  + (f" (GPU busy {busy / r['wall']:.0%})" if S.CUDA else ""), "",
+                  + (f" (GPU busy {busy / r['wall']:.0%}), {r['launches']:.0f} kernels/step" if S.CUDA else ""),
+                  "",
                   "| category | ms/step | share |", "|---|---:|---:|"]
         lines += [f"| {cat} | {t * 1e3:.2f} | {t / busy:.1%} |"
                   for cat, t in sorted(by_cat.items(), key=lambda kv: -kv[1])]

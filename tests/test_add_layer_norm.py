@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from _triton_ops import INTERPRET, _nan_empty
 
 import mae_fast
@@ -317,6 +318,35 @@ def test_opcheck():
         torch.library.opcheck(op, args)
 
 
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(f"{func.namespace}.{func.overloadpacket.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_kernel_calls_skip_the_dispatcher_and_match_the_custom_op(path):
+    """Where the kernels run (here: interpreted) an eager call goes through _AddLayerNormEager, not
+    torch.library's dispatch, whose host time an eager GPU step waits on; on the fallback path the
+    custom op runs. Either way the results and gradients are bitwise the custom op's."""
+    inputs = make((3, 4), 96, torch.float32, torch.bfloat16, param_dtype=torch.float32)
+    g_res, g_n = torch.randn(3, 4, 96), torch.randn(3, 4, 96)
+    with _OpNames() as mode:
+        r, n, gs = run(ours, inputs, 1e-6, torch.bfloat16, g_res, g_n)
+    via_op = {"mae_fast.add_layer_norm", "mae_fast.add_layer_norm_backward"}
+    assert mode.names & via_op == (via_op if path == "torch" else set()), mode.names
+
+    def op(x, delta, w, b, eps, out_dtype):
+        return torch.ops.mae_fast.add_layer_norm(x, delta, w, b, eps, out_dtype)[:2]
+
+    r2, n2, gs2 = run(op, inputs, 1e-6, torch.bfloat16, g_res, g_n)
+    assert torch.equal(r, r2) and torch.equal(n, n2)
+    assert all(torch.equal(a, b) for a, b in zip(gs, gs2))
+
+
 @pytest.mark.parametrize("use", ["both", "residual", "normed"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(backend, use):
@@ -415,10 +445,12 @@ def test_gpu_vit_b_shapes(case):
     assert torch.equal(r, rl)
     for out, low, o64 in zip([n, *gs], [nl, *gsl], [n64, *gs64]):
         if out.dtype == torch.float32 and out.dim() == 1:
-            # weight/bias grads: fp32 sums over 12,800-50,432 rows, so the fp32 rounding of any sum
-            # order, torch's included, reaches ~1e-4 (seen on an H200: torch's 1.2e-4 on the decoder);
-            # the 2x rule against torch's fp32 (DESIGN 6) instead of a fixed atol
-            assert_2x_rule(out, o64, low, 2.0 ** -23)
+            # weight/bias grads: fp32 sums over 12,800-50,432 rows (|sum| up to ~300), whose rounding
+            # in any sum order, torch's included, reaches ~1e-4. DESIGN 6's fp32 rtol 1e-5, taken
+            # relative to the largest sum: elementwise it would demand full relative accuracy of
+            # sums that cancel to near 0, and the 2x rule against torch's fp32 fails where torch's
+            # own rounding happens to be near 0 (seen on an H200: 3.5e-5 over it, 2 ulp at 256)
+            close64(out, o64, rtol=1e-5, atol=1e-5 * o64.abs().max().item())
         elif out.dtype == torch.float32:
             close64(out, o64, rtol=1e-5, atol=1e-5)
         else:

@@ -1,0 +1,110 @@
+"""Host time of one eager training step, measured on CPU at a width where the arithmetic is
+negligible: a GPU-free measure of what a host-bound GPU step waits on (it times Python, dispatch
+and autograd, not kernels).
+
+On an H200 the eager ViT-B step of mae_fast ran its kernels in 52 ms but took 90 ms: the GPU was
+busy 51% of the step (benchmarks/results/gpu_logs/session4/profile.md). Its host time then sets
+the speed. Here each provider runs a ViT-L-deep model (24 + 8 blocks, width 64, batch 2) in fp32
+on one thread; `mae_fast (fused)` takes the fused add + LayerNorm path as on CUDA, with its kernels
+replaced by the allocations they would make (`torch.library`: through the custom op's dispatch,
+which eager calls no longer take). Providers run round-robin, one step each per round,
+so the load of a shared machine hits them alike; the medians are reported.
+
+    python -m benchmarks.host_overhead [--rounds 30]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import test_bench_step as S  # noqa: E402
+from mae_fast import layers  # noqa: E402
+
+CASE = S._official("host-vit_l-depth", 2, 224, 16, 64, 24, 2, 32, 8, 2)
+
+
+def _no_op_kernels():
+    """The add_layer_norm launchers' outputs, allocated and never computed."""
+    e = torch.empty
+
+    def fwd(x, delta, w, b, eps, res_dtype, out_dtype):
+        return e(x.shape, dtype=res_dtype), e(x.shape, dtype=out_dtype), e(x.shape[0]), e(x.shape[0])
+
+    def bwd(g_res, g_n, res, w, has_bias, mean, rstd, x_dtype, delta_dtype):
+        gd = None if delta_dtype == x_dtype else e(res.shape, dtype=delta_dtype)
+        return e(res.shape, dtype=x_dtype), gd, e(res.shape[1]), e(res.shape[1]) if has_bias else None
+
+    return types.SimpleNamespace(MAX_D=1 << 16, add_layer_norm_fwd=fwd, add_layer_norm_bwd=bwd)
+
+
+def _fused_path(via_dispatcher: bool):
+    """layers and the op take the kernel path, with no-op kernels; via_dispatcher: through the
+    torch.library custom op, as eager calls did before _AddLayerNormEager."""
+    k = _no_op_kernels()
+    aln = sys.modules["mae_fast.ops.add_layer_norm"]
+    patches = [mock.patch.object(layers, "triton_kernels", lambda name, t: k),
+               mock.patch.object(aln, "_kernels", lambda t, res_dtype: k)]
+    if via_dispatcher:
+        op = types.SimpleNamespace(apply=torch.ops.mae_fast.add_layer_norm)
+        patches.append(mock.patch.object(aln, "_AddLayerNormEager", op))
+    return patches
+
+
+def measure(rounds: int, case=CASE, warmup: int = 3) -> dict:
+    """{label: median host seconds per step}, providers interleaved."""
+    torch.manual_seed(0)
+    steps = {}
+    for label, provider, fused in [("reference", "reference", None), ("hf", "hf", None),
+                                   ("mae_fast (plain ops)", "mae_fast", None),
+                                   ("mae_fast (fused)", "mae_fast", False),
+                                   ("mae_fast (fused, torch.library)", "mae_fast", True)]:
+        try:
+            _, _, _, step, _ = S._make_step(case, provider)
+        except S.PeerUnavailable as e:
+            print(f"[host] {label} skipped: {e}")
+            continue
+        steps[label] = (step, [] if fused is None else _fused_path(fused))
+    times = {label: [] for label in steps}
+    for r in range(warmup + rounds):
+        for label, (step, patches) in steps.items():
+            for p in patches:
+                p.start()
+            try:
+                t = time.perf_counter()
+                step()
+                if r >= warmup:
+                    times[label].append(time.perf_counter() - t)
+            finally:
+                for p in patches:
+                    p.stop()
+    return {label: statistics.median(ts) for label, ts in times.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=30)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    res = measure(args.rounds)
+    base = res.get("reference")
+    c = CASE
+    print(f"host time per eager step: {c.depth}+{c.dec_depth} blocks, width {c.dim}, batch {c.batch}, fp32, "
+          f"1 thread, torch {torch.__version__}, {args.rounds} interleaved rounds")
+    for label, t in res.items():
+        print(f"{label:32s} {t * 1e3:8.2f} ms" + (f"   {t / base:.2f}x the reference" if base else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
