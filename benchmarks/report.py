@@ -133,7 +133,8 @@ def _fmt(x, spec):
 
 # ----------------------------------------------------------------------------- markdown
 
-def markdown(run) -> str:
+def markdown(run, profile: str = "") -> str:
+    """The run's tables; profile: benchmarks/profile_step.py's markdown of the same run, appended."""
     meta, M = run["meta"], run["metrics"]
     cpu = meta["device"].startswith("CPU")
     lines = [f"# mae_fast benchmarks: {meta['device']}", "",
@@ -226,6 +227,8 @@ def markdown(run) -> str:
         if copy_gbps:
             lines += ["% of copy: achieved GB/s over the large-copy bandwidth measured in this run"
                       + ("; small CPU shapes stay in cache, so it can exceed 100%." if cpu else "."), ""]
+    if profile:
+        lines += ["## Where a step's time goes (benchmarks/profile_step.py, same run)", "", profile.strip(), ""]
     return "\n".join(lines)
 
 
@@ -358,6 +361,9 @@ def main(argv=None) -> int:
     ap.add_argument("--outdir", type=Path, default=RESULTS, help="where the default <device>.md/.png go")
     ap.add_argument("--summary", action="store_true", help="print a short text table only (writes nothing)")
     ap.add_argument("--run", default=None, help="the run whose id (date) starts with this, instead of the latest")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="profile_step markdown of the same run to append; default <outdir>/gpu_logs/profile.md "
+                         "where it exists (gpu_run.sh writes it there)")
     args = ap.parse_args(argv)
     if not args.csv.exists():
         print(f"no results file at {args.csv}: run `pytest benchmarks/` first", file=sys.stderr)
@@ -376,8 +382,10 @@ def main(argv=None) -> int:
         for run in runs:
             print(summary(run))
         return 0
+    profile = args.profile or args.outdir / "gpu_logs" / "profile.md"
+    profile = profile.read_text() if profile.is_file() else ""
     for run in runs:
-        md = markdown(run)
+        md = markdown(run, "" if run["meta"]["device"].startswith("CPU") else profile)
         print(md)
         name = slug(run["meta"]["device"])
         if args.md != "-":

@@ -96,6 +96,18 @@ def test_cli_writes_markdown_and_chart(results, tmp_path):
     assert "run 2026-01-01T00:00:00Z" in md.read_text()  # an older run, picked by its id
 
 
+def test_gpu_report_appends_the_profile_of_its_run(results, tmp_path):
+    prof = tmp_path / "gpu_logs" / "profile.md"
+    prof.parent.mkdir()
+    prof.write_text("### Profile: official-vit_b16\n\n**mae_fast**: 90 ms/step wall (GPU busy 51%)\n")
+    gpu_md, cpu_md = tmp_path / "gpu.md", tmp_path / "cpu.md"
+    for device, md in (("H200", gpu_md), ("CPU", cpu_md)):  # the default: <outdir>/gpu_logs/profile.md
+        assert report.main(["--csv", str(results), "--device", device, "--md", str(md), "--png", str(tmp_path / "x.png"),
+                            "--outdir", str(tmp_path)]) == 0
+    assert "## Where a step's time goes" in gpu_md.read_text() and "GPU busy 51%" in gpu_md.read_text()
+    assert "GPU busy" not in cpu_md.read_text()  # a CPU run's table does not take a GPU profile
+
+
 def test_fallback_runs_are_flagged(results, tmp_path):
     runs = {r["meta"]["device"]: r for r in report.latest_per_device(report.load_runs(results))}
     assert "WARNING" not in report.markdown(runs["NVIDIA H200"]) + report.summary(runs["NVIDIA H200"])
