@@ -8,6 +8,12 @@
 #
 #   MAE_FAST_COMMIT=<sha> bash benchmarks/gpu_run.sh     # the sha: the tree copied there has no .git
 #
+# Everything does not fit one 10-minute call (each compiled provider compiles for about a minute).
+# Session 4 split it over two calls on one warm machine, with one MAE_FAST_BENCH_DATE for both:
+#   1) MAE_FAST_GPU_BUDGET_S=420 MAE_FAST_BENCH_PROVIDERS=mae_fast,mae_fast_pred,reference,hf,vit_pytorch
+#   2) MAE_FAST_GPU_STAGES=info,bench-step,report MAE_FAST_RESULTS_DIR=benchmarks/results/call2
+#      MAE_FAST_BENCH_PROVIDERS=mae_fast_graphed,mae_fast_compiled,reference_compiled (budget: what is left)
+#
 # Environment knobs (defaults in brackets):
 #   MAE_FAST_GPU_BUDGET_S [450]  wall-clock budget of the whole script; stages shrink to fit
 #   MAE_FAST_GPU_STAGES [all]    the stages to run, e.g. "info,bench-step,report" for a second call on
