@@ -2,13 +2,13 @@
 negligible: a GPU-free measure of what a host-bound GPU step waits on (it times Python, dispatch
 and autograd, not kernels).
 
-On an H200 the eager ViT-B step of mae_fast ran its kernels in 52 ms but took 90 ms: the GPU was
-busy 51% of the step (benchmarks/results/gpu_logs/session4/profile.md). Its host time then sets
-the speed. Here each provider runs a ViT-L-deep model (24 + 8 blocks, width 64, batch 2) in fp32
+On an H200 the eager ViT-B step of mae_fast spent 52 ms in kernels of a 102 ms step: the GPU was
+busy 51% of it (benchmarks/results/gpu_logs/session4/profile.md). Its host time then sets the
+speed. Here each provider runs a ViT-L-deep model (24 + 8 blocks, width 64, batch 2) in fp32
 on one thread; `mae_fast (fused)` takes the fused add + LayerNorm path as on CUDA, with its kernels
 replaced by the allocations they would make (`torch.library`: through the custom op's dispatch,
-which eager calls no longer take). Providers run round-robin, one step each per round,
-so the load of a shared machine hits them alike; the medians are reported.
+which eager calls no longer take). Providers run round-robin, one step each per round, so the load
+of a shared machine hits them alike; the medians are reported.
 
     python -m benchmarks.host_overhead [--rounds 30]
 """

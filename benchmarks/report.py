@@ -190,7 +190,8 @@ def markdown(run, profile: str = "") -> str:
                   + ".",
                   "images/s = batch / median step (warm-up excluded); MFU = counted model FLOPs "
                   "(benchmarks/flops.py, the same for every provider of a case) / time / the matmul ceiling; "
-                  + ("peak memory = torch.cuda.max_memory_allocated from the first step on (a CUDA graph's capture included: its replays allocate nothing)."
+                  + ("peak memory = torch.cuda.max_memory_allocated from the first step on (a CUDA graph's "
+                     "capture included: its replays allocate nothing)."
                      if not cpu else "peak memory = tensors alive at the step start + the peak of the "
                      "profiler's allocation trace over one step. \"interleaved\": the eager providers measured "
                      "again round-robin, one step each per round, so that the load of a shared machine hits "

@@ -26,8 +26,8 @@ Per case and provider (benchmark.extra_info, then benchmarks/results/results.csv
                     sync); warm-up steps (compilation included) are excluded
   peak_mem_mb       CUDA: torch.cuda.max_memory_allocated from the first step on (reset before
                     it; weights + AdamW state included): a CUDA graph's replays allocate nothing,
-                    so only its capture, in the warm-up steps, shows the memory it holds. CPU: bytes alive at the step start (weights,
-                    AdamW state, inputs) + the peak of the profiler's allocation trace over one
+                    so only its capture, in the warm-up steps, shows the memory it holds.
+                    CPU: bytes alive at the step start (weights, AdamW state, inputs) + the peak of the profiler's allocation trace over one
                     step (torch.profiler profile_memory; library-internal scratch is not seen)
   tflops, mfu       counted model FLOPs (benchmarks/flops.py, the same numerator for every
                     provider of a case) / median time, over the matmul ceiling measured in this

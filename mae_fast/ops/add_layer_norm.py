@@ -76,7 +76,7 @@ def add_layer_norm_backward_torch(grad_res, grad_normed, residual, weight, bias,
 
 # ----------------------------------------------------------------------------- custom ops
 
-def _forward(x, delta, weight, bias, eps, out_dtype):
+def _forward_impl(x, delta, weight, bias, eps, out_dtype):
     res_dtype = torch.promote_types(x.dtype, delta.dtype)
     k = _kernels(x, res_dtype)
     if k is None:
@@ -91,7 +91,7 @@ def _forward(x, delta, weight, bias, eps, out_dtype):
 @torch.library.custom_op("mae_fast::add_layer_norm", mutates_args=())
 def _add_layer_norm_op(x: Tensor, delta: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float,
                        out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _forward(x, delta, weight, bias, eps, out_dtype)
+    return _forward_impl(x, delta, weight, bias, eps, out_dtype)
 
 
 @_add_layer_norm_op.register_fake
@@ -161,14 +161,15 @@ _add_layer_norm_op.register_autograd(_backward, setup_context=_setup)
 class _AddLayerNormEager(torch.autograd.Function):
     """The custom op's forward and backward without torch.library's dispatch, for eager calls that
     run the kernels: that dispatch (defaults, alias checks, two redispatches per direction) cost
-    about 100 us of host time per forward + backward here, and an eager GPU step whose host runs
-    behind its GPU waits on every microsecond (an H200 ViT-B step: GPU busy 51%). The same
+    about 120 us of host time per forward + backward on our CPU (benchmarks/host_overhead.py), and
+    an eager GPU step whose host runs behind its GPU waits on every microsecond (an H200 ViT-B
+    step: GPU busy 51%). The same
     functions compute both ways; under torch.compile, and on the fallback path (where dispatch
     modes such as benchmarks/step_traffic.py see the one op), the custom op runs."""
 
     @staticmethod
     def forward(ctx, x, delta, weight, bias, eps, out_dtype):
-        out = _forward(x, delta, weight, bias, eps, out_dtype)
+        out = _forward_impl(x, delta, weight, bias, eps, out_dtype)
         _setup(ctx, (x, delta, weight, bias, eps, out_dtype), out)
         return out
 
