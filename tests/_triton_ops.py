@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -58,3 +59,15 @@ def make_imgs(B, C, H, W, layout="contiguous", dtype=torch.float32, device="cpu"
         assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
         return x
     raise ValueError(layout)
+
+
+class OpLog(TorchDispatchMode):
+    """Records every op dispatched while active (ops: the OpOverloads, in order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))

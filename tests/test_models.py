@@ -437,28 +437,19 @@ def test_qkv_split_backward_is_one_write_pass(dtype):
     """The q/k/v split's backward writes each head gradient once into one (B, N, 3, H, d) buffer:
     no zero-filled full-size gradients, no sum of them, no permute copy (autograd's own backward
     of three selects does all three), and it gives bitwise the same gradient as that backward."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from _triton_ops import OpLog
 
     from mae_fast.layers import split_heads
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
 
     B, N, H, d = 2, 7, 4, 8
     qkv = torch.randn(B, N, 3 * H * d, dtype=dtype, requires_grad=True)
     grads = [torch.randn(B, H, N, d, dtype=dtype) for _ in range(3)]
     outs = split_heads(qkv, H)
-    ops = Ops()
-    with ops:
+    with OpLog() as log:
         (g,) = torch.autograd.grad(outs, qkv, grads)
-    written = [n for n in ops.names if n not in ("view", "transpose", "select", "slice", "detach", "alias")]
-    assert sorted(written) == ["copy_"] * 3 + ["new_empty"], ops.names
+    names = [f.overloadpacket.__name__ for f in log.ops]
+    written = [n for n in names if n not in ("view", "transpose", "select", "slice", "detach", "alias")]
+    assert sorted(written) == ["copy_"] * 3 + ["new_empty"], names
     plain = qkv.view(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
     assert all(torch.equal(a, b) for a, b in zip(outs, (plain[0], plain[1], plain[2])))
     assert torch.equal(g, torch.autograd.grad((plain[0], plain[1], plain[2]), qkv, grads)[0])

@@ -163,9 +163,9 @@ class _AddLayerNormEager(torch.autograd.Function):
     run the kernels: that dispatch (defaults, alias checks, two redispatches per direction) cost
     about 120 us of host time per forward + backward on our CPU (benchmarks/host_overhead.py), and
     an eager GPU step whose host runs behind its GPU waits on every microsecond (an H200 ViT-B
-    step: GPU busy 51%). The same
-    functions compute both ways; under torch.compile, and on the fallback path (where dispatch
-    modes such as benchmarks/step_traffic.py see the one op), the custom op runs."""
+    step: GPU busy 51%). The same functions compute both ways; under torch.compile, and on the
+    fallback path (where dispatch modes such as benchmarks/step_traffic.py see the one op), the
+    custom op runs."""
 
     @staticmethod
     def forward(ctx, x, delta, weight, bias, eps, out_dtype):
