@@ -1,4 +1,5 @@
-"""Transformer building blocks on F.scaled_dot_product_attention (flash / cuDNN on CUDA).
+"""Transformer building blocks on F.scaled_dot_product_attention (flash / cuDNN on CUDA), or on
+mae_fast's own attention kernels (mae_fast.ops.attention) with set_attention_backend("triton").
 
 The fused qkv projection is viewed as (B, N, 3, heads, d) and permuted, never copied: SDPA takes
 q, k, v with a unit last stride, and the flash kernel's output transposes back to (B, N, D) as a
@@ -10,13 +11,42 @@ autocast's cast. The state-dict keys stay timm's.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as mm
 
 from .ops.add_layer_norm import add_layer_norm
+from .ops.attention import _kernels as _attention_kernels
+from .ops.attention import attention as fused_attention
 from .ops.patchify import triton_kernels
+
+ATTENTION_BACKENDS = ("sdpa", "triton")
+
+
+def _check_backend(name, source: str) -> str:
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(map(repr, ATTENTION_BACKENDS))}, got {name!r}")
+    return name
+
+
+_attention_backend = _check_backend(os.environ.get("MAE_FAST_ATTENTION", "sdpa"), "MAE_FAST_ATTENTION")
+
+
+def set_attention_backend(name: str) -> None:
+    """Which attention the blocks run: "sdpa" (the default: F.scaled_dot_product_attention, cuDNN or
+    flash on CUDA) or "triton" (mae_fast.ops.attention: no head split/merge copies in either
+    direction; where its kernels run, i.e. CUDA or the Triton interpreter, without dropout; SDPA
+    elsewhere). The environment variable MAE_FAST_ATTENTION sets the initial value. Global, read
+    at each call (torch.compile guards on it and recompiles after a change)."""
+    global _attention_backend
+    _attention_backend = _check_backend(name, "name")
+
+
+def attention_backend() -> str:
+    return _attention_backend
 
 
 class _SplitHeads(torch.autograd.Function):
@@ -48,6 +78,8 @@ def split_heads(qkv: torch.Tensor, heads: int):
 
 def attend(qkv: torch.Tensor, heads: int, dropout_p: float = 0.0) -> torch.Tensor:
     """Multi-head self-attention of a fused qkv projection: (B, N, 3*inner) -> (B, N, inner)."""
+    if _attention_backend == "triton" and not dropout_p and _attention_kernels(qkv, heads) is not None:
+        return fused_attention(qkv, heads)
     q, k, v = split_heads(qkv, heads)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     B, _, N, d = out.shape

@@ -141,6 +141,20 @@ def _norm_workload(widths):
             ops.add_layer_norm(x, delta, w, None, 1e-6, out_dtype=out_dt)[1].float().sum().backward()
 
 
+# (N, heads, d) of the blocks' attention: ViT-B/16 encoder and the MAE decoder, then ViT-L/16 and
+# ViT-H/14 encoders, the ViT-H decoder, the tiny preset, an odd head dim and the largest one
+ATTN_VIT_B = [(50, 12, 64), (197, 16, 32)]
+ATTN_OTHERS = [(50, 16, 64), (65, 16, 80), (257, 16, 32), (17, 2, 16), (5, 2, 24), (9, 1, 128)]
+
+
+def _attention_workload(shapes):
+    """attention forward and backward in bf16 (autocast's), fp16 and fp32."""
+    for N, H, d in shapes:
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            qkv = torch.randn(2, N, 3 * H * d, dtype=dt, requires_grad=True)
+            ops.attention(qkv, H).float().sum().backward()
+
+
 def _ptxas_report(ptx: str, arch: int, tmp: Path) -> dict:
     """ptxas -v on the kernel's PTX: registers and spill bytes."""
     import triton
@@ -175,9 +189,11 @@ def _record_and_compile(archs, tmp: Path) -> dict:
             m.triton_kernels = lambda kname, t: None if t.dtype == torch.float64 else mods[kname]
     _workload(CONFIGS[:1])
     _norm_workload([768])
+    _attention_workload(ATTN_VIT_B)
     first = {lc.key() for lc in log}  # ViT-B/16's launches: compiled for every arch, the rest for the first
     _workload(CONFIGS[1:])
     _norm_workload([D for D in NORM_WIDTHS if D != 768])
+    _attention_workload(ATTN_OTHERS)
     unique = {}
     for launch in log:
         unique.setdefault(launch.key(), launch)
