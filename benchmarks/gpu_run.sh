@@ -19,6 +19,8 @@
 #   MAE_FAST_GPU_STAGES [all]    the stages to run, e.g. "info,bench-step,report" for a second call on
 #                                a warm machine; bench-step then takes the time of the stages left out
 #   MAE_FAST_BENCH_CASES, MAE_FAST_BENCH_PROVIDERS, MAE_FAST_BENCH_ROUNDS   see test_bench_step.py
+#   MAE_FAST_BENCH_OPS [all]     the op suites of bench-ops, e.g. "attention,add_layer_norm"
+#                                (benchmarks/test_bench_<op>.py)
 #   MAE_FAST_PROFILE_CASE [official-vit_b16], MAE_FAST_PROFILE_PROVIDERS [mae_fast,reference]
 #                                what benchmarks/profile_step.py profiles
 #   MAE_FAST_RESULTS_DIR [benchmarks/results]   where results.csv, <gpu>.md/.png and gpu_logs/ go
@@ -114,8 +116,13 @@ bench_step() {
 }
 
 bench_ops() {
-  python -m pytest $(ls benchmarks/test_bench_*.py | grep -v test_bench_step.py) -q -p no:cacheprovider \
-    --bench-results "$RES/results.csv" $(bench_opts)
+  local files=() op
+  if [ -n "${MAE_FAST_BENCH_OPS:-}" ]; then
+    for op in ${MAE_FAST_BENCH_OPS//,/ }; do files+=("benchmarks/test_bench_$op.py"); done
+  else
+    files=($(ls benchmarks/test_bench_*.py | grep -v test_bench_step.py))
+  fi
+  python -m pytest "${files[@]}" -q -p no:cacheprovider --bench-results "$RES/results.csv" $(bench_opts)
 }
 
 profile() {  # where the ViT-B/16 step's time goes, by kernel category, and the GPU-busy fraction
@@ -126,7 +133,7 @@ profile() {  # where the ViT-B/16 step's time goes, by kernel category, and the 
 gpu_tests() {
   # the most telling first (the kernels are the ones used, model parity, no host sync), the slow
   # many-shape sweeps last: a stage cut short by its timeout still says the most it can
-  local first="test_extension test_models test_patchify test_masked_mse_loss test_add_layer_norm test_tokens"
+  local first="test_extension test_models test_attention test_patchify test_masked_mse_loss test_add_layer_norm test_tokens"
   local files=() f
   for f in $first; do files+=("tests/$f.py"); done
   for f in tests/test_*.py; do [[ " $first " == *" $(basename "$f" .py) "* ]] || files+=("$f"); done

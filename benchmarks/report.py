@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_CSV = RESULTS / "results.csv"
 
-OURS = ["mae_fast", "mae_fast_pred", "mae_fast_compiled", "mae_fast_graphed"]
+OPT_IN = ["mae_fast_triton_attn", "mae_fast_triton_attn_compiled", "mae_fast_triton_attn_graphed"]
+OURS = ["mae_fast", "mae_fast_pred", "mae_fast_compiled", "mae_fast_graphed", *OPT_IN]
 PEERS = ["reference", "reference_compiled", "hf", "vit_pytorch"]
 PROVIDER_ORDER = OURS + PEERS
 PROVIDER_NOTES = {
@@ -32,6 +33,9 @@ PROVIDER_NOTES = {
     "mae_fast_pred": "the drop-in call forward(imgs, ratio, noise) returning pred for all patches",
     "mae_fast_compiled": "torch.compile(mae_fast model)",
     "mae_fast_graphed": "torch.compile(mae_fast model, mode='reduce-overhead'): CUDA graphs",
+    "mae_fast_triton_attn": "mae_fast with its own attention kernels (set_attention_backend('triton'))",
+    "mae_fast_triton_attn_compiled": "torch.compile of mae_fast_triton_attn",
+    "mae_fast_triton_attn_graphed": "torch.compile(mode='reduce-overhead') of mae_fast_triton_attn",
     "reference": "mae_fast.reference, eager, explicit softmax attention",
     "reference_compiled": "torch.compile(reference)",
     "hf": "transformers ViTMAEForPreTraining, sdpa attention, same weights",
@@ -47,7 +51,7 @@ def targets_for(device: str):
     measurement) | memory (provider / peer peak memory)."""
     out = []
     if "H200" in device:
-        for p in ("mae_fast", "mae_fast_compiled", "mae_fast_graphed"):
+        for p in ("mae_fast", "mae_fast_compiled", "mae_fast_graphed", *OPT_IN):
             out += [
                 ("ViT-B/16 >= 6,000 img/s on an H200", "official-vit_b16", p, "images_per_s", None, 6000, True),
                 ("ViT-L/16 >= 2,900 img/s on an H200", "official-vit_l16", p, "images_per_s", None, 2900, True),
@@ -212,7 +216,7 @@ def markdown(run, profile: str = "") -> str:
 
     ops = op_rows(run)
     if ops:
-        lines += ["## Fused ops (memory-bound; benchmarks/test_bench_patchify_loss.py, test_bench_tokens.py)", "",
+        lines += ["## Fused ops (benchmarks/test_bench_*.py but the step)", "",
                   "| case | impl | median us | GB/s (counted bytes) |" + (" % of copy |" if copy_gbps else "")
                   + " vs eager |", "|---|---|---:|---:|" + ("---:|" if copy_gbps else "") + "---:|"]
         for case, p, m in ops:
@@ -238,6 +242,8 @@ def target_rows(run):
     out = []
     for label, case, p, kind, peer, target, hib in targets_for(run["meta"]["device"]):
         mine = M.get((case, p), {})
+        if p in OPT_IN and not mine:  # run only when asked for: no "not measured" rows for them
+            continue
         other = M.get((case, peer), {}) if peer else {}
         if kind == "images_per_s":
             measured = mine.get("images_per_s")

@@ -8,6 +8,10 @@ Providers (a case's speedups are computed by benchmarks/report.py from the same 
   mae_fast_compiled    torch.compile(mae_fast model)
   mae_fast_graphed     CUDA only: torch.compile(mae_fast model, mode="reduce-overhead"), i.e. with CUDA
                        graphs; measured last, so a tight time budget drops it first
+  mae_fast_triton_attn[_compiled|_graphed]
+                       the same with the blocks on mae_fast.ops.attention (set_attention_backend
+                       "triton"; the others run "sdpa"); official API, run only when named in
+                       MAE_FAST_BENCH_PROVIDERS
   reference            mae_fast.reference, eager, explicit softmax attention (the oracle)
   reference_compiled   torch.compile(reference model)
   hf                   transformers' ViTMAEForPreTraining, attn_implementation="sdpa", same config
@@ -116,7 +120,9 @@ PROVIDERS = {
     + (["mae_fast_graphed"] if CUDA else []),
     "seed": ["mae_fast", "reference", "vit_pytorch", "mae_fast_compiled", "reference_compiled"],
 }
-OURS = ("mae_fast", "mae_fast_pred", "mae_fast_compiled", "mae_fast_graphed")
+TRITON_ATTN = "_triton_attn"  # provider infix: the blocks on mae_fast.ops.attention
+OPT_IN = {"official": [f"mae_fast{TRITON_ATTN}{sfx}" for sfx in ("", "_compiled", "_graphed")], "seed": []}
+OURS = ("mae_fast", "mae_fast_pred", "mae_fast_compiled", "mae_fast_graphed", *OPT_IN["official"])
 COMPILE_MODES = {"_compiled": "default", "_graphed": "reduce-overhead"}  # provider suffix -> torch.compile mode
 
 
@@ -133,7 +139,8 @@ def _selected(quick: bool):
     if only:
         cases = [c for c in cases if c.name in only]
     providers = {p for p in os.environ.get("MAE_FAST_BENCH_PROVIDERS", "").split(",") if p}
-    pairs = [(c, p) for c in cases for p in PROVIDERS[c.api] if not providers or p in providers]
+    pairs = [(c, p) for c in cases for p in PROVIDERS[c.api] + (OPT_IN[c.api] if providers else [])
+             if not providers or p in providers]
     # the first case whole, CUDA graphs included (its compiled peers decide the 1.3x target, and
     # graphs are its best chance at the img/s target), then the eager providers of the other cases,
     # then their (slow to compile) compiled ones, their graphs last: under a time budget the tail
@@ -314,6 +321,7 @@ def _build(c: Case, provider: str):
     """(module whose parameters train, loss function of (imgs, noise), model FLOPs of one step)."""
     mode = compile_mode(provider)
     base = next((provider.removesuffix(sfx) for sfx in COMPILE_MODES if provider.endswith(sfx)), provider)
+    base = base.replace(TRITON_ATTN, "")
     state = _initial_state(c)
     with torch.device(DEVICE):
         if c.api == "official":
@@ -438,11 +446,17 @@ def _make_step(case: Case, provider: str):
     model, loss_fn, flops = _build(case, provider)
     opt, opt_kind = _adamw(model, case.batch)
     imgs, noise = _inputs(case)
+    attention = "triton" if TRITON_ATTN in provider else "sdpa"  # whatever MAE_FAST_ATTENTION says
 
     def step():
-        with _amp():
-            loss = loss_fn(imgs, noise)
-        loss.backward()
+        before = mae_fast.attention_backend()
+        mae_fast.set_attention_backend(attention)
+        try:
+            with _amp():
+                loss = loss_fn(imgs, noise)
+            loss.backward()
+        finally:
+            mae_fast.set_attention_backend(before)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss

@@ -5,7 +5,7 @@ import os
 import platform
 
 
-KERNEL_MODULES = ("patchify", "masked_mse_loss", "add_layer_norm")  # mae_fast.kernels.*
+KERNEL_MODULES = ("patchify", "masked_mse_loss", "add_layer_norm", "attention")  # mae_fast.kernels.*
 
 
 def missing_cuda_kernels() -> list[str]:

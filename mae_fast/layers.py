@@ -80,6 +80,11 @@ def attend(qkv: torch.Tensor, heads: int, dropout_p: float = 0.0) -> torch.Tenso
     """Multi-head self-attention of a fused qkv projection: (B, N, 3*inner) -> (B, N, inner)."""
     if _attention_backend == "triton" and not dropout_p and _attention_kernels(qkv, heads) is not None:
         return fused_attention(qkv, heads)
+    return attend_sdpa(qkv, heads, dropout_p)
+
+
+def attend_sdpa(qkv: torch.Tensor, heads: int, dropout_p: float = 0.0) -> torch.Tensor:
+    """attend on F.scaled_dot_product_attention, whatever the backend setting."""
     q, k, v = split_heads(qkv, heads)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     B, _, N, d = out.shape

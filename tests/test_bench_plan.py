@@ -27,3 +27,34 @@ def test_gpu_order_measures_vit_b_whole_then_eager_then_compiled_then_graphs(mon
     kinds = [0 if S.compile_mode(p) is None else 2 if p.endswith("_graphed") else 1 for _, p in rest]
     assert kinds == sorted(kinds) and kinds[0] == 0 and kinds[-1] == 2  # eager, then compiled, then graphs
     assert {c for c, p in rest if p.endswith("_graphed")} == {c.name for c in S.GPU_CASES[1:] if c.api == "official"}
+
+
+def test_triton_attention_providers_run_only_when_named(monkeypatch):
+    monkeypatch.delenv("MAE_FAST_BENCH_CASES", raising=False)
+    monkeypatch.delenv("MAE_FAST_BENCH_PROVIDERS", raising=False)
+    assert not any(S.TRITON_ATTN in p for _, p in S._selected(quick=True))
+    monkeypatch.setenv("MAE_FAST_BENCH_PROVIDERS", "mae_fast,mae_fast_triton_attn_graphed")
+    plan = [(c.api, p) for c, p in S._selected(quick=True)]
+    assert ("official", "mae_fast_triton_attn_graphed") in plan and ("seed", "mae_fast") in plan
+    assert S.compile_mode("mae_fast_triton_attn_graphed") == "reduce-overhead"
+
+
+def test_triton_attention_provider_steps_on_the_op(monkeypatch):
+    """The provider's step runs the blocks on mae_fast.ops.attention (kernels or, here without the
+    interpreter, its fallback forced through the op), the plain provider on SDPA, and both leave the
+    session's setting as it was."""
+    import importlib
+
+    import mae_fast
+
+    A = importlib.import_module("mae_fast.ops.attention")
+    L = importlib.import_module("mae_fast.layers")
+    calls = []
+    monkeypatch.setattr(L, "_attention_kernels", lambda qkv, heads: True)  # where the kernels would run
+    monkeypatch.setattr(L, "fused_attention", lambda qkv, heads: calls.append(heads) or A.attention(qkv, heads))
+    case = S.QUICK_CASES[0]
+    for provider, expect in (("mae_fast", 0), ("mae_fast_triton_attn", case.depth + case.dec_depth)):
+        calls.clear()
+        S._make_step(case, provider)[3]()
+        assert len(calls) == expect, provider
+        assert mae_fast.attention_backend() == "sdpa"
