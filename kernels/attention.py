@@ -134,7 +134,8 @@ def _attn_bwd_dkv_kernel(
     HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_N), B * H): dk and dv of key rows [pid * BLOCK_N, ...)."""
+    """Grid (cdiv(N, BLOCK_N), B * H): dk and dv of key rows [pid * BLOCK_N, ...). Padded key rows
+    (k = v = 0) may accumulate inf (exp2(0 - lse)); each key row is its own, and they are not stored."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H

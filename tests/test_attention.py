@@ -131,6 +131,10 @@ def test_non_contiguous_qkv_and_grad(path, layout):
     close64(g, g64)
 
 
+# numpy warnings of the interpreter for values that are dropped: tl.where evaluates both branches
+# (the dq kernel's masked exp2), and the dk/dv kernel's padded keys overflow in rows it never stores
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
 def test_very_negative_scores_stay_finite(path):
     """Every score of a row near -200 (natural log units): the padded keys' exp2(0 - lse) would
     overflow if it were not masked (the sequence, 5, is shorter than the smallest key block)."""
