@@ -13,12 +13,17 @@
 #   1) MAE_FAST_GPU_BUDGET_S=420 MAE_FAST_BENCH_PROVIDERS=mae_fast,mae_fast_pred,reference,hf,vit_pytorch
 #   2) MAE_FAST_GPU_STAGES=info,bench-step,report MAE_FAST_RESULTS_DIR=benchmarks/results/call2
 #      MAE_FAST_BENCH_PROVIDERS=mae_fast_graphed,mae_fast_compiled,reference_compiled (budget: what is left)
+# The next run also decides the attention default (mae_fast.ops.attention vs SDPA, never timed):
+#   1) add mae_fast_triton_attn to the providers; bench-ops measures test_bench_attention.py
+#   2) MAE_FAST_GPU_STAGES=info,bench-step,profile,report, MAE_FAST_BENCH_PROVIDERS=mae_fast_graphed,
+#      mae_fast_triton_attn_graphed,reference_compiled, MAE_FAST_PROFILE_PROVIDERS=mae_fast_graphed
 #
 # Environment knobs (defaults in brackets):
 #   MAE_FAST_GPU_BUDGET_S [450]  wall-clock budget of the whole script; stages shrink to fit
 #   MAE_FAST_GPU_STAGES [all]    the stages to run, e.g. "info,bench-step,report" for a second call on
 #                                a warm machine; bench-step then takes the time of the stages left out
 #   MAE_FAST_BENCH_CASES, MAE_FAST_BENCH_PROVIDERS, MAE_FAST_BENCH_ROUNDS   see test_bench_step.py
+#   MAE_FAST_GPU_TEST_JOBS [4]   concurrent pytest processes of the gpu-tests stage
 #   MAE_FAST_BENCH_OPS [all]     the op suites of bench-ops, e.g. "attention,add_layer_norm"
 #                                (benchmarks/test_bench_<op>.py)
 #   MAE_FAST_PROFILE_CASE [official-vit_b16], MAE_FAST_PROFILE_PROVIDERS [mae_fast,reference]
@@ -132,13 +137,33 @@ profile() {  # where the ViT-B/16 step's time goes, by kernel category, and the 
 
 gpu_tests() {
   # the most telling first (the kernels are the ones used, model parity, no host sync), the slow
-  # many-shape sweeps last: a stage cut short by its timeout still says the most it can
+  # many-shape sweeps last, dealt round-robin to MAE_FAST_GPU_TEST_JOBS [4] concurrent pytest
+  # processes: their Triton compiles (CPU work, most of a GPU test's time) run in parallel
   local first="test_extension test_models test_attention test_patchify test_masked_mse_loss test_add_layer_norm test_tokens"
-  local files=() f
+  local files=() f i r rc=0 jobs=${MAE_FAST_GPU_TEST_JOBS:-4}
   for f in $first; do files+=("tests/$f.py"); done
   for f in tests/test_*.py; do [[ " $first " == *" $(basename "$f" .py) "* ]] || files+=("$f"); done
-  # a test module whose imports are missing there (hypothesis, transformers) must not stop the rest
-  python -m pytest -m gpu "${files[@]}" -q -p no:cacheprovider --continue-on-collection-errors --durations=10
+  local -a groups=() pids=()
+  for i in "${!files[@]}"; do groups[i % jobs]+=" ${files[i]}"; done
+  # the stage's timeout sends SIGINT to every process: the jobs' pytest then writes its summary
+  # (background jobs start with SIGINT ignored: the wrapper restores Python's handler), and this
+  # shell waits for them
+  trap 'echo "=== gpu-tests: interrupted, waiting for the jobs to write their summaries"' INT
+  local run='import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(pytest.main(sys.argv[1:]))'
+  for i in "${!groups[@]}"; do
+    # a test module whose imports are missing there (hypothesis, transformers) must not stop the rest
+    python -c "$run" -m gpu ${groups[i]} -q -p no:cacheprovider --continue-on-collection-errors --durations=5 \
+      > "$LOGS/gpu-tests-$i.log" 2>&1 &
+    pids[i]=$!
+  done
+  for i in "${!pids[@]}"; do
+    while kill -0 "${pids[i]}" 2>/dev/null; do wait "${pids[i]}"; done
+    wait "${pids[i]}"; r=$?
+    (( r == 0 || r == 5 )) || rc=1  # 5: no GPU test in the group
+    echo "--- gpu-tests job $i (rc $r):${groups[i]}"
+    cat "$LOGS/gpu-tests-$i.log"
+  done
+  return $rc
 }
 
 gpu_name() { python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')" 2>/dev/null || echo NVIDIA; }
