@@ -16,7 +16,8 @@
 # The next run also decides the attention default (mae_fast.ops.attention vs SDPA, never timed):
 #   1) add mae_fast_triton_attn to the providers; bench-ops measures test_bench_attention.py
 #   2) MAE_FAST_GPU_STAGES=info,bench-step,profile,report, MAE_FAST_BENCH_PROVIDERS=mae_fast_graphed,
-#      mae_fast_triton_attn_graphed,reference_compiled, MAE_FAST_PROFILE_PROVIDERS=mae_fast_graphed
+#      mae_fast_triton_attn_graphed,reference_compiled, MAE_FAST_PROFILE_PROVIDERS=mae_fast_graphed,
+#      MAE_FAST_PROFILE_S=120
 #
 # Environment knobs (defaults in brackets):
 #   MAE_FAST_GPU_BUDGET_S [450]  wall-clock budget of the whole script; stages shrink to fit
@@ -28,6 +29,7 @@
 #                                (benchmarks/test_bench_<op>.py)
 #   MAE_FAST_PROFILE_CASE [official-vit_b16], MAE_FAST_PROFILE_PROVIDERS [mae_fast,reference]
 #                                what benchmarks/profile_step.py profiles
+#   MAE_FAST_PROFILE_S [45]      the profile stage's time (a compiled provider compiles first: ~120)
 #   MAE_FAST_RESULTS_DIR [benchmarks/results]   where results.csv, <gpu>.md/.png and gpu_logs/ go
 #   TORCH_CUDA_ARCH_LIST [9.0]   only the H200's arch: half the nvcc time of the default 8.0;9.0+PTX
 # Where $OUT is set (the device runner's output folder) benchmarks/results/ is archived there at the end.
@@ -182,11 +184,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 stage build 200 $(( BUDGET - 250 )) build
 stage info 40 $(( BUDGET - 230 )) verify
 stage gpu-tests 150 $(( BUDGET - 200 )) gpu_tests
-# what the stages after bench-step need (profile 40 s, bench-ops 45 s, report 25 s), where they run
-STEP_END=$(( BUDGET - 25 - $(wanted profile && echo 40 || echo 0) - $(wanted bench-ops && echo 45 || echo 0) ))
+# what the stages after bench-step need (profile, bench-ops 45 s, report 25 s), where they run
+PROFILE_S=${MAE_FAST_PROFILE_S:-45}
+STEP_END=$(( BUDGET - 25 - $(wanted profile && echo "$PROFILE_S" || echo 0) - $(wanted bench-ops && echo 45 || echo 0) ))
 STEP_LIMIT=$(( STEP_END - $(elapsed) ))
 stage bench-step "$STEP_LIMIT" "$STEP_END" bench_step "$STEP_LIMIT"
-stage profile 45 $(( BUDGET - 70 )) profile
+stage profile "$PROFILE_S" $(( BUDGET - 25 - $(wanted bench-ops && echo 45 || echo 0) )) profile
 stage bench-ops 120 $(( BUDGET - 25 )) bench_ops
 stage report 30 "$BUDGET" report
 
