@@ -5,10 +5,13 @@ and autograd, not kernels).
 On an H200 the eager ViT-B step of mae_fast spent 52 ms in kernels of a 102 ms step: the GPU was
 busy 51% of it (benchmarks/results/gpu_logs/session4/profile.md). Its host time then sets the
 speed. Here each provider runs a ViT-L-deep model (24 + 8 blocks, width 64, batch 2) in fp32
-on one thread; `mae_fast (fused)` takes the fused add + LayerNorm path as on CUDA, with its kernels
-replaced by the allocations they would make (`torch.library`: through the custom op's dispatch,
-which eager calls no longer take). Providers run round-robin, one step each per round, so the load
-of a shared machine hits them alike; the medians are reported.
+on one thread, on 64 px images (16 patches: 5 encoder and 17 decoder tokens, so that attention's
+N^2 arithmetic is negligible too; at 224 px the CPU attention of the SDPA and math rows took ~12 ms
+of a ~65 ms step). `mae_fast (fused)` takes the fused add + LayerNorm path as on CUDA, with its
+kernels replaced by the allocations they would make (`torch.library`: through the custom op's
+dispatch, which eager calls no longer take; `own attention`: the blocks' attention on
+mae_fast.ops.attention, also with no-op kernels). Providers run round-robin, one step each per
+round, so the load of a shared machine hits them alike; the medians are reported.
 
     python -m benchmarks.host_overhead [--rounds 30]
 """
@@ -31,7 +34,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import test_bench_step as S  # noqa: E402
 from mae_fast import layers  # noqa: E402
 
-CASE = S._official("host-vit_l-depth", 2, 224, 16, 64, 24, 2, 32, 8, 2)
+CASE = S._official("host-vit_l-depth", 2, 64, 16, 64, 24, 2, 32, 8, 2)
 
 
 def _no_op_kernels():
@@ -48,9 +51,24 @@ def _no_op_kernels():
     return types.SimpleNamespace(MAX_D=1 << 16, add_layer_norm_fwd=fwd, add_layer_norm_bwd=bwd)
 
 
-def _fused_path(via_dispatcher: bool):
+def _no_op_attention():
+    """The attention launchers' outputs, allocated and never computed."""
+    e = torch.empty
+
+    def fwd(qkv, heads):
+        B, N, width = qkv.shape
+        return e(B, N, width // 3, dtype=qkv.dtype), e(B * heads, N)
+
+    def bwd(grad_out, qkv, out, lse, heads):
+        return e(qkv.shape, dtype=qkv.dtype)
+
+    return types.SimpleNamespace(MAX_HEAD_DIM=128, attention_fwd=fwd, attention_bwd=bwd)
+
+
+def _fused_path(via_dispatcher: bool = False, attention: bool = False):
     """layers and the op take the kernel path, with no-op kernels; via_dispatcher: through the
-    torch.library custom op, as eager calls did before _AddLayerNormEager."""
+    torch.library custom op, as eager calls did before _AddLayerNormEager; attention: the blocks'
+    attention too (mae_fast.ops.attention, for the mae_fast_triton_attn provider)."""
     k = _no_op_kernels()
     aln = sys.modules["mae_fast.ops.add_layer_norm"]
     patches = [mock.patch.object(layers, "triton_kernels", lambda name, t: k),
@@ -58,6 +76,10 @@ def _fused_path(via_dispatcher: bool):
     if via_dispatcher:
         op = types.SimpleNamespace(apply=torch.ops.mae_fast.add_layer_norm)
         patches.append(mock.patch.object(aln, "_AddLayerNormEager", op))
+    if attention:
+        ka = _no_op_attention()
+        patches += [mock.patch.object(layers, "_attention_kernels", lambda qkv, heads: ka),
+                    mock.patch.object(sys.modules["mae_fast.ops.attention"], "_kernels", lambda qkv, heads: ka)]
     return patches
 
 
@@ -67,14 +89,16 @@ def measure(rounds: int, case=CASE, warmup: int = 3) -> dict:
     steps = {}
     for label, provider, fused in [("reference", "reference", None), ("hf", "hf", None),
                                    ("mae_fast (plain ops)", "mae_fast", None),
-                                   ("mae_fast (fused)", "mae_fast", False),
-                                   ("mae_fast (fused, torch.library)", "mae_fast", True)]:
+                                   ("mae_fast (fused)", "mae_fast", {}),
+                                   ("mae_fast (fused, torch.library)", "mae_fast", dict(via_dispatcher=True)),
+                                   ("mae_fast (fused, own attention)", "mae_fast_triton_attn",
+                                    dict(attention=True))]:
         try:
             _, _, _, step, _ = S._make_step(case, provider)
         except S.PeerUnavailable as e:
             print(f"[host] {label} skipped: {e}")
             continue
-        steps[label] = (step, [] if fused is None else _fused_path(fused))
+        steps[label] = (step, [] if fused is None else _fused_path(**fused))
     times = {label: [] for label in steps}
     for r in range(warmup + rounds):
         for label, (step, patches) in steps.items():

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_CSV = RESULTS / "results.csv"
 
-OPT_IN = ["mae_fast_triton_attn", "mae_fast_triton_attn_compiled", "mae_fast_triton_attn_graphed"]
+OPT_IN = ["mae_fast_triton_attn", "mae_fast_triton_attn_compiled", "mae_fast_triton_attn_graphed", "mae_fast_unfused"]
 OURS = ["mae_fast", "mae_fast_pred", "mae_fast_compiled", "mae_fast_graphed", *OPT_IN]
 PEERS = ["reference", "reference_compiled", "hf", "vit_pytorch"]
 PROVIDER_ORDER = OURS + PEERS
@@ -36,6 +36,7 @@ PROVIDER_NOTES = {
     "mae_fast_triton_attn": "mae_fast with its own attention kernels (set_attention_backend('triton'))",
     "mae_fast_triton_attn_compiled": "torch.compile of mae_fast_triton_attn",
     "mae_fast_triton_attn_graphed": "torch.compile(mode='reduce-overhead') of mae_fast_triton_attn",
+    "mae_fast_unfused": "mae_fast with residual add and LayerNorm as torch ops (eager)",
     "reference": "mae_fast.reference, eager, explicit softmax attention",
     "reference_compiled": "torch.compile(reference)",
     "hf": "transformers ViTMAEForPreTraining, sdpa attention, same weights",

@@ -10,8 +10,12 @@ Providers (a case's speedups are computed by benchmarks/report.py from the same 
                        graphs; measured last, so a tight time budget drops it first
   mae_fast_triton_attn[_compiled|_graphed]
                        the same with the blocks on mae_fast.ops.attention (set_attention_backend
-                       "triton"; the others run "sdpa"); official API, run only when named in
-                       MAE_FAST_BENCH_PROVIDERS
+                       "triton"; the others run "sdpa")
+  mae_fast_unfused     mae_fast with residual add and LayerNorm as torch ops, not the fused kernel
+                       (an eager step is host-bound on an H200, and the kernel's autograd.Function
+                       costs host time: benchmarks/host_overhead.py)
+                       These opt-in providers (official API) run only when named in
+                       MAE_FAST_BENCH_PROVIDERS.
   reference            mae_fast.reference, eager, explicit softmax attention (the oracle)
   reference_compiled   torch.compile(reference model)
   hf                   transformers' ViTMAEForPreTraining, attn_implementation="sdpa", same config
@@ -53,6 +57,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -62,6 +67,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import mae_fast  # noqa: E402
+from mae_fast import layers  # noqa: E402
 from mae_fast import reference as R  # noqa: E402
 
 from benchmarks.common import CUDA, DEVICE, device_name  # noqa: E402
@@ -121,7 +127,8 @@ PROVIDERS = {
     "seed": ["mae_fast", "reference", "vit_pytorch", "mae_fast_compiled", "reference_compiled"],
 }
 TRITON_ATTN = "_triton_attn"  # provider infix: the blocks on mae_fast.ops.attention
-OPT_IN = {"official": [f"mae_fast{TRITON_ATTN}{sfx}" for sfx in ("", "_compiled", "_graphed")], "seed": []}
+OPT_IN = {"official": [f"mae_fast{TRITON_ATTN}{sfx}" for sfx in ("", "_compiled", "_graphed")] + ["mae_fast_unfused"],
+          "seed": []}
 OURS = ("mae_fast", "mae_fast_pred", "mae_fast_compiled", "mae_fast_graphed", *OPT_IN["official"])
 COMPILE_MODES = {"_compiled": "default", "_graphed": "reduce-overhead"}  # provider suffix -> torch.compile mode
 
@@ -321,7 +328,7 @@ def _build(c: Case, provider: str):
     """(module whose parameters train, loss function of (imgs, noise), model FLOPs of one step)."""
     mode = compile_mode(provider)
     base = next((provider.removesuffix(sfx) for sfx in COMPILE_MODES if provider.endswith(sfx)), provider)
-    base = base.replace(TRITON_ATTN, "")
+    base = base.replace(TRITON_ATTN, "").removesuffix("_unfused")
     state = _initial_state(c)
     with torch.device(DEVICE):
         if c.api == "official":
@@ -448,11 +455,14 @@ def _make_step(case: Case, provider: str):
     imgs, noise = _inputs(case)
     attention = "triton" if TRITON_ATTN in provider else "sdpa"  # whatever MAE_FAST_ATTENTION says
 
+    unfused = mock.patch.object(layers, "_fuses", lambda x, norm: False) if provider.endswith("_unfused") \
+        else contextlib.nullcontext()
+
     def step():
         before = mae_fast.attention_backend()
         mae_fast.set_attention_backend(attention)
         try:
-            with _amp():
+            with _amp(), unfused:
                 loss = loss_fn(imgs, noise)
             loss.backward()
         finally:

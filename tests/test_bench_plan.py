@@ -58,3 +58,31 @@ def test_triton_attention_provider_steps_on_the_op(monkeypatch):
         S._make_step(case, provider)[3]()
         assert len(calls) == expect, provider
         assert mae_fast.attention_backend() == "sdpa"
+
+
+def test_unfused_provider_steps_without_the_fused_add_norm(monkeypatch):
+    from benchmarks import host_overhead as H
+
+    calls = []
+    real = H._no_op_kernels
+
+    def counting():
+        k = real()
+        fwd = k.add_layer_norm_fwd
+        k.add_layer_norm_fwd = lambda *a: calls.append(1) or fwd(*a)
+        return k
+
+    monkeypatch.setattr(H, "_no_op_kernels", counting)
+    case = S.QUICK_CASES[0]
+    for provider in ("mae_fast", "mae_fast_unfused"):
+        step = S._make_step(case, provider)[3]
+        patches = H._fused_path()  # the kernel path, as on CUDA, with no-op kernels
+        for p in patches:
+            p.start()
+        try:
+            calls.clear()
+            step()
+        finally:
+            for p in patches:
+                p.stop()
+        assert (len(calls) > 0) == (provider == "mae_fast"), provider

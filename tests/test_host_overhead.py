@@ -22,8 +22,20 @@ def test_rows_take_the_paths_they_name(monkeypatch):
         return k
 
     monkeypatch.setattr(H, "_no_op_kernels", counting)
+    attn_calls = []
+    real_attn = H._no_op_attention
+
+    def counting_attn():
+        k = real_attn()
+        fwd = k.attention_fwd
+        k.attention_fwd = lambda *a: attn_calls.append(len(attn_calls)) or fwd(*a)
+        return k
+
+    monkeypatch.setattr(H, "_no_op_attention", counting_attn)
     per_step = 2 * 2 + 2 * 1 - 1  # 2 per block (depth 2 + 1), the encoder's final norm in; the decoder's first has no add
     res = H.measure(rounds=1, case=TINY, warmup=0)
-    assert {"reference", "mae_fast (plain ops)", "mae_fast (fused)", "mae_fast (fused, torch.library)"} <= set(res)
+    assert {"reference", "mae_fast (plain ops)", "mae_fast (fused)", "mae_fast (fused, torch.library)",
+            "mae_fast (fused, own attention)"} <= set(res)
     assert all(t > 0 for t in res.values())
-    assert len(calls) == 2 * per_step  # the two fused rows, one step each; the plain row none
+    assert len(calls) == 3 * per_step  # the three fused rows, one step each; the plain row none
+    assert len(attn_calls) == 2 + 1  # the own-attention row only: one per block

@@ -53,8 +53,9 @@ def attention_torch(qkv: Tensor, heads: int):
     s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     lse = torch.logsumexp(s, dim=-1)
     out = torch.exp(s - lse.unsqueeze(-1)) @ v
-    B, N, _ = qkv.shape
-    return out.transpose(1, 2).reshape(B, N, qkv.shape[-1] // 3).to(qkv.dtype), (lse * math.log2(math.e)).reshape(B * heads, N)
+    B, N, width = qkv.shape
+    out = out.transpose(1, 2).reshape(B, N, width // 3).to(qkv.dtype)
+    return out, (lse * math.log2(math.e)).reshape(B * heads, N)
 
 
 def attention_backward_torch(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: int) -> Tensor:
