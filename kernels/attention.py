@@ -35,12 +35,22 @@ _LOG2E = 1.4426950408889634
 def _config(N, d, dtype):
     """(BLOCK_M, BLOCK_N, D_PAD, num_warps): square blocks, no longer than the sequence needs and at
     least 16 (the smallest tl.dot), 8 warps from d = 64 up. 16-bit inputs take tensor-core blocks
-    of 64 (32 past d = 64); fp32 inputs (IEEE products on FMA units) 32 (16 past d = 32): larger
+    of 64 (32 past d = 64); fp32 inputs (IEEE products on FMA units) 32 (16 past d = 16): larger
     ones run out of registers (ptxas, tests/test_triton_compile.py)."""
     d_pad = max(16, triton.next_power_of_2(int(d)))
-    cap = (64 if d_pad <= 64 else 32) if dtype != torch.float32 else (32 if d_pad <= 32 else 16)
+    cap = (64 if d_pad <= 64 else 32) if dtype != torch.float32 else (32 if d_pad <= 16 else 16)
     block = max(16, min(cap, triton.next_power_of_2(int(N))))
     return block, block, d_pad, 4 if d_pad <= 32 else 8
+
+
+@triton.jit
+def _head_and_block(N, BLOCK: tl.constexpr):
+    """(batch * head, block) of a 1-D grid whose consecutive programs are the blocks of one head
+    (its k and v stay in L2); 1-D because a grid's second dimension stops at 65,535 (B * H passes
+    it at batch 4,096 with 16 heads)."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK)
+    return pid // n_blocks, pid % n_blocks
 
 
 @triton.jit
@@ -50,12 +60,12 @@ def _attn_fwd_kernel(
     HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_M), B * H): query rows [pid * BLOCK_M, ...) of one (batch, head)."""
-    bh = tl.program_id(1)
+    """Grid (B * H * cdiv(N, BLOCK_M),): query rows [i * BLOCK_M, ...) of one (batch, head)."""
+    bh, i = _head_and_block(N, BLOCK_M)
     b = (bh // H).to(tl.int64)
     h = bh % H
     inner = H * HEAD_D
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     cols = tl.arange(0, D_PAD)
     col_ok = cols < HEAD_D
@@ -91,12 +101,12 @@ def _attn_bwd_dq_kernel(
     HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_M), B * H): dq of query rows [pid * BLOCK_M, ...), and their delta."""
-    bh = tl.program_id(1)
+    """Grid (B * H * cdiv(N, BLOCK_M),): dq of query rows [i * BLOCK_M, ...), and their delta."""
+    bh, i = _head_and_block(N, BLOCK_M)
     b = (bh // H).to(tl.int64)
     h = bh % H
     inner = H * HEAD_D
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     cols = tl.arange(0, D_PAD)
     col_ok = cols < HEAD_D
@@ -134,13 +144,13 @@ def _attn_bwd_dkv_kernel(
     HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_N), B * H): dk and dv of key rows [pid * BLOCK_N, ...). Padded key rows
+    """Grid (B * H * cdiv(N, BLOCK_N),): dk and dv of key rows [i * BLOCK_N, ...). Padded key rows
     (k = v = 0) may accumulate inf (exp2(0 - lse)); each key row is its own, and they are not stored."""
-    bh = tl.program_id(1)
+    bh, i = _head_and_block(N, BLOCK_N)
     b = (bh // H).to(tl.int64)
     h = bh % H
     inner = H * HEAD_D
-    keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keys = i * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = keys < N
     cols = tl.arange(0, D_PAD)
     col_ok = cols < HEAD_D
@@ -187,7 +197,7 @@ def attention_fwd(qkv, heads):
         return out, lse
     bm, bn, d_pad, warps = _config(N, d, qkv.dtype)
     sm_scale = d ** -0.5
-    _attn_fwd_kernel[(triton.cdiv(N, bm), B * heads)](
+    _attn_fwd_kernel[(B * heads * triton.cdiv(N, bm),)](
         qkv, out, lse, heads, N, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), sm_scale * _LOG2E,
         HEAD_D=d, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(qkv.dtype), num_warps=warps)
     return out, lse
@@ -207,9 +217,9 @@ def attention_bwd(grad_out, qkv, out, lse, heads):
     meta = dict(HEAD_D=d, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(qkv.dtype), num_warps=warps)
     strides = (qkv.stride(0), qkv.stride(1))
     g_strides = (grad_out.stride(0), grad_out.stride(1), dqkv.stride(0), dqkv.stride(1))
-    _attn_bwd_dq_kernel[(triton.cdiv(N, bm), B * heads)](
+    _attn_bwd_dq_kernel[(B * heads * triton.cdiv(N, bm),)](
         qkv, out, grad_out, lse, delta, dqkv, heads, N, *strides, out.stride(0), out.stride(1), *g_strides,
         sm_scale * _LOG2E, sm_scale, **meta)
-    _attn_bwd_dkv_kernel[(triton.cdiv(N, bn), B * heads)](
+    _attn_bwd_dkv_kernel[(B * heads * triton.cdiv(N, bn),)](
         qkv, grad_out, lse, delta, dqkv, heads, N, *strides, *g_strides, sm_scale * _LOG2E, sm_scale, **meta)
     return dqkv

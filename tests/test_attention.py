@@ -321,6 +321,17 @@ def test_gpu_fp32_matches_float64():
 
 
 @pytest.mark.gpu
+def test_gpu_more_batch_heads_than_a_grid_dimension_holds():
+    """B * H = 67,200 > 65,535 (the limit of a CUDA grid's second dimension): every head is computed."""
+    B, N, H, d = 4200, 3, 16, 16
+    qkv, grad = torch.randn(B, N, 3 * H * d, device="cuda"), torch.randn(B, N, H * d, device="cuda")
+    out, g = fwd_bwd(mae_fast.ops.attention, qkv, H, grad)
+    out64, g64 = fwd_bwd(sdpa, qkv, H, grad, torch.float64)
+    close64(out, out64)
+    close64(g, g64, atol=1e-5)
+
+
+@pytest.mark.gpu
 def test_gpu_deterministic_and_no_sync():
     qkv = torch.randn(64, 197, 3 * 16 * 32, device="cuda").bfloat16()
     grad = torch.randn(64, 197, 16 * 32, device="cuda").bfloat16()
