@@ -61,9 +61,9 @@ def _patchify_gather_fwd_kernel(
 ):
     """out[b, k, :] = patch ids[b, k] (or k without ids) of img[b], optionally norm-pixed.
 
-    Grid (cdiv(K, BLOCK_R), B); out is contiguous (B, K, P)."""
-    pid_r = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    Grid (B, cdiv(K, BLOCK_R)); out is contiguous (B, K, P)."""
+    pid_r = tl.program_id(1)
+    b = tl.program_id(0).to(tl.int64)  # the batch on the first axis: a second one stops at 65,535
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < K
     if HAS_IDS:
@@ -108,9 +108,9 @@ def _patchify_gather_bwd_kernel(
     patch l is k = inv[b, l] (HAS_INV; -1 = no row, the patch gets zeros) or k = l. With NORM
     the row is the gradient w.r.t. the norm-pixed patch: the patch is re-read from img and the
     gradient taken back through (x - mean) / sqrt(var + eps), var unbiased.
-    Grid (cdiv(L, BLOCK_R), B). Also unpatchify (HAS_INV = NORM = False)."""
-    pid_r = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    Grid (B, cdiv(L, BLOCK_R)). Also unpatchify (HAS_INV = NORM = False)."""
+    pid_r = tl.program_id(1)
+    b = tl.program_id(0).to(tl.int64)  # the batch on the first axis: a second one stops at 65,535
     pidx = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = pidx < L
     if HAS_INV:
@@ -159,7 +159,7 @@ def patchify_gather_fwd(imgs, ids, ph, pw, norm_pix=False, out=None):
         return out
     block_r, block_p, num_warps = _block_config(P, K)
     ids_arg, s_db, s_dk = (imgs, 0, 0) if ids is None else (ids, ids.stride(0), ids.stride(1))
-    grid = (triton.cdiv(K, block_r), B)
+    grid = (B, triton.cdiv(K, block_r))
     _patchify_gather_fwd_kernel[grid](
         imgs, ids_arg, out, K, L, gw, P, *imgs.stride(), s_db, s_dk, NORM_PIX_EPS,
         C=C, PH=ph, PW=pw, HAS_IDS=ids is not None, NORM=bool(norm_pix),
@@ -182,7 +182,7 @@ def patchify_gather_bwd(grad, imgs, inv, ph, pw, norm_pix=False, out=None, image
     block_r, block_p, num_warps = _block_config(P, L)
     img = imgs if (norm_pix and imgs is not None) else out
     inv_arg, s_vb, s_vl = (out, 0, 0) if inv is None else (inv, inv.stride(0), inv.stride(1))
-    grid = (triton.cdiv(L, block_r), B)
+    grid = (B, triton.cdiv(L, block_r))
     _patchify_gather_bwd_kernel[grid](
         grad, img, inv_arg, out, K, L, gw, P, *grad.stride(), *img.stride(), *out.stride(),
         s_vb, s_vl, NORM_PIX_EPS,

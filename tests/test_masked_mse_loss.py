@@ -395,6 +395,25 @@ def test_gpu_vit_b16_loss(mode, norm_pix, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["mask", "ids"])
+def test_gpu_batch_past_a_grid_dimension(mode):
+    """B = 70,000 > 65,535 (the limit of a CUDA grid's second dimension): every image counts."""
+    B, L, P = 70_000, 4, 4
+    imgs = make_imgs(B, 1, 4, 4, device="cuda")
+    arg = {"mask": make_mask(B, L, 0.5, device="cuda")} if mode == "mask" else \
+        {"ids": make_removed_ids(B, L, 0.5, device="cuda")}
+    p = torch.randn(B, L if mode == "mask" else 2, P, device="cuda", requires_grad=True)
+    loss = mae_fast.ops.masked_mse_loss(p, imgs, 2, norm_pix=True, **arg)
+    loss.backward()
+    p64 = p.detach().double().requires_grad_()
+    ref = R.masked_mse_loss(p64, imgs.double(), 2, norm_pix_target=True,
+                            **{k: (v.double() if k == "mask" else v) for k, v in arg.items()})
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.gpu
 def test_gpu_deterministic_no_sync_and_validate():
     B, L, P = 32, 196, 768
     imgs = make_imgs(B, 3, 224, 224, device="cuda")

@@ -333,6 +333,22 @@ def test_gpu_vit_b16_patchify_gather(dtype, norm_pix):
 
 
 @pytest.mark.gpu
+def test_gpu_batch_past_a_grid_dimension():
+    """B = 70,000 > 65,535 (the limit of a CUDA grid's second dimension): every image is gathered."""
+    B = 70_000
+    imgs = make_imgs(B, 1, 4, 4, device="cuda").requires_grad_()
+    ids = make_ids(B, 4, 2, device="cuda")
+    out = mae_fast.ops.patchify_gather(imgs, ids, 2, norm_pix=True)
+    x64 = imgs.detach().double().requires_grad_()
+    ref = R.patchify_gather(x64, ids, 2, norm_pix_target=True)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g.double())
+    assert_fp32_close(out, ref.detach())
+    assert_fp32_close(imgs.grad, x64.grad, atol=1e-4)
+
+
+@pytest.mark.gpu
 def test_gpu_no_host_sync_and_validate():
     imgs = make_imgs(8, 3, 64, 48, device="cuda").requires_grad_()
     ids = make_ids(8, 12, 4, device="cuda")
