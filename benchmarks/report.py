@@ -217,9 +217,11 @@ def markdown(run, profile: str = "") -> str:
 
     ops = op_rows(run)
     if ops:
+        flops = any("tflops" in m for _, _, m in ops)  # the attention suite counts FLOPs
         lines += ["## Fused ops (benchmarks/test_bench_*.py but the step)", "",
                   "| case | impl | median us | GB/s (counted bytes) |" + (" % of copy |" if copy_gbps else "")
-                  + " vs eager |", "|---|---|---:|---:|" + ("---:|" if copy_gbps else "") + "---:|"]
+                  + (" TFLOP/s (counted) |" if flops else "") + " vs eager |",
+                  "|---|---|---:|---:|" + ("---:|" if copy_gbps else "") + ("---:|" if flops else "") + "---:|"]
         for case, p, m in ops:
             gbps = m.get("gbps")
             eager = run["metrics"].get((case, "eager"), {}).get("median_s")
@@ -227,6 +229,8 @@ def markdown(run, profile: str = "") -> str:
             row = [case, p, _fmt(m.get("median_s") and m["median_s"] * 1e6, ",.1f"), _fmt(gbps, ",.1f")]
             if copy_gbps:
                 row.append(_fmt(gbps and 100 * gbps / copy_gbps, ".0f") + ("%" if gbps else ""))
+            if flops:
+                row.append(_fmt(m.get("tflops"), ".3g"))
             row.append(_fmt(speedup, ".2f") + ("x" if speedup else ""))
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
