@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_CSV = RESULTS / "results.csv"
 
-OPT_IN = ["mae_fast_triton_attn", "mae_fast_triton_attn_compiled", "mae_fast_triton_attn_graphed", "mae_fast_unfused"]
+OPT_IN = ["mae_fast_triton_attn", "mae_fast_triton_attn_compiled", "mae_fast_triton_attn_graphed",
+          "mae_fast_unfused"]  # benchmarks/test_bench_step.py's opt-in providers
 OURS = ["mae_fast", "mae_fast_pred", "mae_fast_compiled", "mae_fast_graphed", *OPT_IN]
 PEERS = ["reference", "reference_compiled", "hf", "vit_pytorch"]
 PROVIDER_ORDER = OURS + PEERS

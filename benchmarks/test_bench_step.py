@@ -127,8 +127,8 @@ PROVIDERS = {
     "seed": ["mae_fast", "reference", "vit_pytorch", "mae_fast_compiled", "reference_compiled"],
 }
 TRITON_ATTN = "_triton_attn"  # provider infix: the blocks on mae_fast.ops.attention
-OPT_IN = {"official": [f"mae_fast{TRITON_ATTN}{sfx}" for sfx in ("", "_compiled", "_graphed")] + ["mae_fast_unfused"],
-          "seed": []}
+OPT_IN = {"official": [f"mae_fast{TRITON_ATTN}{sfx}" for sfx in ("", "_compiled", "_graphed")]
+          + ["mae_fast_unfused"], "seed": []}
 OURS = ("mae_fast", "mae_fast_pred", "mae_fast_compiled", "mae_fast_graphed", *OPT_IN["official"])
 COMPILE_MODES = {"_compiled": "default", "_graphed": "reduce-overhead"}  # provider suffix -> torch.compile mode
 
@@ -453,7 +453,7 @@ def _make_step(case: Case, provider: str):
     model, loss_fn, flops = _build(case, provider)
     opt, opt_kind = _adamw(model, case.batch)
     imgs, noise = _inputs(case)
-    attention = "triton" if TRITON_ATTN in provider else "sdpa"  # whatever MAE_FAST_ATTENTION says
+    attention = "triton" if TRITON_ATTN in provider else "sdpa"  # set per step, whatever MAE_FAST_ATTENTION says
 
     unfused = mock.patch.object(layers, "_fuses", lambda x, norm: False) if provider.endswith("_unfused") \
         else contextlib.nullcontext()
