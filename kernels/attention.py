@@ -44,13 +44,18 @@ def _config(N, d, dtype):
 
 
 @triton.jit
-def _head_and_block(N, BLOCK: tl.constexpr):
-    """(batch * head, block) of a 1-D grid whose consecutive programs are the blocks of one head
-    (its k and v stay in L2); 1-D because a grid's second dimension stops at 65,535 (B * H passes
-    it at batch 4,096 with 16 heads)."""
+def _program(qkv_ptr, H, N, s_qb, HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's (batch * head, batch, offsets of its BLOCK rows, head columns, their mask,
+    the head's q base pointer). The grid is 1-D, the blocks of one head consecutive (its k and v
+    stay in L2): a grid's second dimension stops at 65,535, which B * H passes at batch 4,096
+    with 16 heads."""
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK)
-    return pid // n_blocks, pid % n_blocks
+    bh = pid // n_blocks
+    b = (bh // H).to(tl.int64)
+    cols = tl.arange(0, D_PAD)
+    base = qkv_ptr + b * s_qb + (bh % H) * HEAD_D
+    return bh, b, (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK), cols, cols < HEAD_D, base
 
 
 @triton.jit
@@ -61,15 +66,9 @@ def _attn_fwd_kernel(
     PRECISION: tl.constexpr,
 ):
     """Grid (B * H * cdiv(N, BLOCK_M),): query rows [i * BLOCK_M, ...) of one (batch, head)."""
-    bh, i = _head_and_block(N, BLOCK_M)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
+    bh, b, rows, cols, col_ok, base = _program(qkv_ptr, H, N, s_qb, HEAD_D, D_PAD, BLOCK_M)
     inner = H * HEAD_D
-    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
-    cols = tl.arange(0, D_PAD)
-    col_ok = cols < HEAD_D
-    base = qkv_ptr + b * s_qb + h * HEAD_D
     q = tl.load(base + rows[:, None] * s_qn + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -89,7 +88,7 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
-    o_off = o_ptr + b * s_ob + h * HEAD_D + rows[:, None] * s_on + cols[None, :]
+    o_off = o_ptr + b * s_ob + (bh % H) * HEAD_D + rows[:, None] * s_on + cols[None, :]
     tl.store(o_off, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
     tl.store(lse_ptr + bh.to(tl.int64) * N + rows, m_i + tl.log2(l_i), mask=row_ok)
 
@@ -102,16 +101,11 @@ def _attn_bwd_dq_kernel(
     PRECISION: tl.constexpr,
 ):
     """Grid (B * H * cdiv(N, BLOCK_M),): dq of query rows [i * BLOCK_M, ...), and their delta."""
-    bh, i = _head_and_block(N, BLOCK_M)
-    b = (bh // H).to(tl.int64)
+    bh, b, rows, cols, col_ok, base = _program(qkv_ptr, H, N, s_qb, HEAD_D, D_PAD, BLOCK_M)
     h = bh % H
     inner = H * HEAD_D
-    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
-    cols = tl.arange(0, D_PAD)
-    col_ok = cols < HEAD_D
     m = row_ok[:, None] & col_ok[None, :]
-    base = qkv_ptr + b * s_qb + h * HEAD_D
     q = tl.load(base + rows[:, None] * s_qn + cols[None, :], mask=m, other=0.0)
     o = tl.load(o_ptr + b * s_ob + h * HEAD_D + rows[:, None] * s_on + cols[None, :], mask=m, other=0.0)
     do = tl.load(do_ptr + b * s_gb + h * HEAD_D + rows[:, None] * s_gn + cols[None, :], mask=m, other=0.0)
@@ -146,16 +140,11 @@ def _attn_bwd_dkv_kernel(
 ):
     """Grid (B * H * cdiv(N, BLOCK_N),): dk and dv of key rows [i * BLOCK_N, ...). Padded key rows
     (k = v = 0) may accumulate inf (exp2(0 - lse)); each key row is its own, and they are not stored."""
-    bh, i = _head_and_block(N, BLOCK_N)
-    b = (bh // H).to(tl.int64)
+    bh, b, keys, cols, col_ok, base = _program(qkv_ptr, H, N, s_qb, HEAD_D, D_PAD, BLOCK_N)
     h = bh % H
     inner = H * HEAD_D
-    keys = i * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = keys < N
-    cols = tl.arange(0, D_PAD)
-    col_ok = cols < HEAD_D
     kv_mask = key_ok[:, None] & col_ok[None, :]
-    base = qkv_ptr + b * s_qb + h * HEAD_D
     k = tl.load(base + inner + keys[:, None] * s_qn + cols[None, :], mask=kv_mask, other=0.0)
     v = tl.load(base + 2 * inner + keys[:, None] * s_qn + cols[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)

@@ -44,6 +44,32 @@ def poison(monkeypatch):
     monkeypatch.setattr(kp, "empty_like", _nan_empty_like)
 
 
+@pytest.fixture(params=["triton", "torch"])
+def path(request, monkeypatch):
+    """Both CPU dispatch paths of an op: 'triton' (its kernels under the interpreter; skipped
+    without TRITON_INTERPRET=1) and 'torch' (the PyTorch fallback: the ops read the variable at
+    call time)."""
+    if request.param == "triton":
+        if not INTERPRET:
+            pytest.skip("the interpreted-Triton path needs TRITON_INTERPRET=1")
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    return request.param
+
+
+def runs_without_sync(fn, n=3):
+    """n results of fn() on CUDA, the last under torch's sync debug mode "error" (a host sync
+    there raises); the first calls compile the kernels."""
+    outs = [fn() for _ in range(n - 1)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs.append(fn())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return outs
+
+
 def pair(p):
     return tuple(p) if isinstance(p, tuple) else (p, p)
 

@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from _triton_ops import INTERPRET, OpLog, _nan_empty
+from _triton_ops import INTERPRET, OpLog, _nan_empty, path, runs_without_sync  # noqa: F401 (path: a fixture)
 
 import mae_fast
 from mae_fast import reference as R
@@ -29,7 +29,6 @@ else:
 
 LEADS = [(1,), (2, 3), (13,)]  # rows 1, 6 (not a power of two, 3-D input), 13
 DIMS = [1, 7, 64, 96, 768, 1000]
-PATHS = ["triton", "torch"]
 LOW = [torch.float16, torch.bfloat16]
 ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
@@ -39,16 +38,6 @@ def _poison(monkeypatch):
     """Every buffer the launchers allocate (outputs and partial sums) starts as NaN."""
     if kal is not None:
         monkeypatch.setattr(kal, "empty", _nan_empty)
-
-
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    if request.param == "triton":
-        if not INTERPRET:
-            pytest.skip("the interpreted-Triton path needs TRITON_INTERPRET=1")
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-    return request.param
 
 
 def assert_path(path, x, res_dtype):
@@ -452,15 +441,7 @@ def test_gpu_deterministic_and_no_sync():
     inputs = [t.cuda() for t in make((256, 50), 768, torch.float32, torch.bfloat16, param_dtype=torch.float32)]
     g_res = torch.randn(256, 50, 768, device="cuda")
     g_n = torch.randn(256, 50, 768, device="cuda").to(torch.bfloat16)
-    outs = []
-    for i in range(3):
-        if i == 2:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            outs.append(run(ours, inputs, 1e-6, torch.bfloat16, g_res, g_n))
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    outs = runs_without_sync(lambda: run(ours, inputs, 1e-6, torch.bfloat16, g_res, g_n))
     for r, n, gs in outs[1:]:
         assert torch.equal(r, outs[0][0]) and torch.equal(n, outs[0][1])
         assert all(torch.equal(a, b) for a, b in zip(gs, outs[0][2]))

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _triton_ops import INTERPRET, OpLog, _nan_empty
+from _triton_ops import INTERPRET, OpLog, _nan_empty, path, runs_without_sync  # noqa: F401 (path: a fixture)
 
 import mae_fast
 from mae_fast import layers
@@ -31,23 +31,12 @@ else:
 # B, N, heads, d: one token; several key/query blocks (N > 64) and N not a power of two; d not a
 # power of two; MAE's head dims 32 and 64
 SHAPES = [(1, 1, 1, 1), (2, 5, 2, 8), (1, 70, 2, 16), (2, 17, 1, 24), (1, 50, 2, 64), (2, 9, 3, 32)]
-PATHS = ["triton", "torch"]
 
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     if kat is not None:
         monkeypatch.setattr(kat, "empty", _nan_empty)
-
-
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    if request.param == "triton":
-        if not INTERPRET:
-            pytest.skip("the interpreted-Triton path needs TRITON_INTERPRET=1")
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-    return request.param
 
 
 def sdpa(qkv, heads):
@@ -313,19 +302,10 @@ def test_gpu_bf16_mae_shapes(case):
 
 
 @pytest.mark.gpu
-def test_gpu_fp32_matches_float64():
-    B, N, H, d = 8, 197, 16, 32
-    qkv, grad = torch.randn(B, N, 3 * H * d, device="cuda"), torch.randn(B, N, H * d, device="cuda")
-    out, g = fwd_bwd(mae_fast.ops.attention, qkv, H, grad)
-    out64, g64 = fwd_bwd(sdpa, qkv, H, grad, torch.float64)
-    close64(out, out64)
-    close64(g, g64, atol=1e-5)
-
-
-@pytest.mark.gpu
-def test_gpu_more_batch_heads_than_a_grid_dimension_holds():
-    """B * H = 67,200 > 65,535 (the limit of a CUDA grid's second dimension): every head is computed."""
-    B, N, H, d = 4200, 3, 16, 16
+@pytest.mark.parametrize("B,N,H,d", [(8, 197, 16, 32), (4200, 3, 16, 16)], ids=["decoder", "67200-heads"])
+def test_gpu_fp32_matches_float64(B, N, H, d):
+    """fp32 (IEEE products) at the decoder's shape, and with B * H = 67,200 > 65,535, the limit of a
+    CUDA grid's second dimension: every head is computed."""
     qkv, grad = torch.randn(B, N, 3 * H * d, device="cuda"), torch.randn(B, N, H * d, device="cuda")
     out, g = fwd_bwd(mae_fast.ops.attention, qkv, H, grad)
     out64, g64 = fwd_bwd(sdpa, qkv, H, grad, torch.float64)
@@ -337,15 +317,7 @@ def test_gpu_more_batch_heads_than_a_grid_dimension_holds():
 def test_gpu_deterministic_and_no_sync():
     qkv = torch.randn(64, 197, 3 * 16 * 32, device="cuda").bfloat16()
     grad = torch.randn(64, 197, 16 * 32, device="cuda").bfloat16()
-    outs = []
-    for i in range(3):
-        if i == 2:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            outs.append(fwd_bwd(mae_fast.ops.attention, qkv, 16, grad))
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    outs = runs_without_sync(lambda: fwd_bwd(mae_fast.ops.attention, qkv, 16, grad))
     for out, g in outs[1:]:
         assert torch.equal(out, outs[0][0]) and torch.equal(g, outs[0][1])
 

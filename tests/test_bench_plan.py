@@ -61,18 +61,9 @@ def test_triton_attention_provider_steps_on_the_op(monkeypatch):
 
 
 def test_unfused_provider_steps_without_the_fused_add_norm(monkeypatch):
-    from benchmarks import host_overhead as H
+    from test_host_overhead import H, count_launches
 
-    calls = []
-    real = H._no_op_kernels
-
-    def counting():
-        k = real()
-        fwd = k.add_layer_norm_fwd
-        k.add_layer_norm_fwd = lambda *a: calls.append(1) or fwd(*a)
-        return k
-
-    monkeypatch.setattr(H, "_no_op_kernels", counting)
+    calls = count_launches(monkeypatch, "_no_op_kernels", "add_layer_norm_fwd")
     case = S.QUICK_CASES[0]
     for provider in ("mae_fast", "mae_fast_unfused"):
         step = S._make_step(case, provider)[3]

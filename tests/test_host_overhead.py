@@ -10,28 +10,25 @@ from benchmarks import test_bench_step as S  # noqa: E402
 TINY = S._official("tiny-host", 2, 32, 8, 32, 2, 2, 32, 1, 2)
 
 
-def test_rows_take_the_paths_they_name(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the plain row runs plain ops, not interpreted kernels
+def count_launches(monkeypatch, factory: str, launcher: str) -> list:
+    """The calls of `launcher` of the no-op kernels host_overhead's `factory` makes, from now on."""
     calls = []
-    real = H._no_op_kernels
+    real = getattr(H, factory)
 
     def counting():
         k = real()
-        fwd = k.add_layer_norm_fwd
-        k.add_layer_norm_fwd = lambda *a: calls.append(len(calls)) or fwd(*a)
+        fn = getattr(k, launcher)
+        setattr(k, launcher, lambda *a: calls.append(1) or fn(*a))
         return k
 
-    monkeypatch.setattr(H, "_no_op_kernels", counting)
-    attn_calls = []
-    real_attn = H._no_op_attention
+    monkeypatch.setattr(H, factory, counting)
+    return calls
 
-    def counting_attn():
-        k = real_attn()
-        fwd = k.attention_fwd
-        k.attention_fwd = lambda *a: attn_calls.append(len(attn_calls)) or fwd(*a)
-        return k
 
-    monkeypatch.setattr(H, "_no_op_attention", counting_attn)
+def test_rows_take_the_paths_they_name(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the plain row runs plain ops, not interpreted kernels
+    calls = count_launches(monkeypatch, "_no_op_kernels", "add_layer_norm_fwd")
+    attn_calls = count_launches(monkeypatch, "_no_op_attention", "attention_fwd")
     per_step = 2 * 2 + 2 * 1 - 1  # 2 per block (depth 2 + 1), the encoder's final norm in; the decoder's first has no add
     res = H.measure(rounds=1, case=TINY, warmup=0)
     assert {"reference", "mae_fast (plain ops)", "mae_fast (fused)", "mae_fast (fused, torch.library)",
