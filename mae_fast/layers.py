@@ -21,7 +21,7 @@ from torch.nn.modules import module as mm
 from .ops.add_layer_norm import add_layer_norm
 from .ops.attention import _kernels as _attention_kernels
 from .ops.attention import attention as fused_attention
-from .ops.patchify import triton_kernels
+from .ops.patchify import _load_kernels, triton_kernels
 
 ATTENTION_BACKENDS = ("sdpa", "triton")
 
@@ -32,7 +32,13 @@ def _check_backend(name, source: str) -> str:
     return name
 
 
-_attention_backend = _check_backend(os.environ.get("MAE_FAST_ATTENTION", "sdpa"), "MAE_FAST_ATTENTION")
+def _set(name: str) -> str:
+    if name == "triton":  # import the kernels now: under torch.compile attend may not import them
+        _load_kernels("attention")
+    return name
+
+
+_attention_backend = _set(_check_backend(os.environ.get("MAE_FAST_ATTENTION", "sdpa"), "MAE_FAST_ATTENTION"))
 
 
 def set_attention_backend(name: str) -> None:
@@ -42,7 +48,7 @@ def set_attention_backend(name: str) -> None:
     elsewhere). The environment variable MAE_FAST_ATTENTION sets the initial value. Global, read
     at each call (torch.compile guards on it and recompiles after a change)."""
     global _attention_backend
-    _attention_backend = _check_backend(name, "name")
+    _attention_backend = _set(_check_backend(name, "name"))
 
 
 def attention_backend() -> str:

@@ -247,6 +247,41 @@ def test_model_with_triton_attention_matches_sdpa(path, triton_attention):
         torch.testing.assert_close(ours[2][name], ref[2][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_compiling_first_needs_no_import_while_tracing():
+    """A fresh process that compiles the model before any eager call: the kernels were imported
+    when the backend was set (dynamo cannot trace an import; fullgraph would fail, and a graph
+    break would split the CUDA graphs)."""
+    code = ("import torch, mae_fast\n"
+            "mae_fast.set_attention_backend('triton')\n"
+            "m = mae_fast.MaskedAutoencoderViT(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,"
+            " decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)\n"
+            "ops = []\n"
+            "def backend(gm, example):\n"
+            "    ops.extend(str(n.target) for n in gm.graph.nodes if n.op == 'call_function')\n"
+            "    return gm\n"
+            "torch.compile(m, fullgraph=True, backend=backend)(torch.randn(2, 3, 16, 16), 0.75, torch.rand(2, 16))\n"
+            "print(sum('mae_fast.attention' in t for t in ops))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert int(r.stdout.split()[-1]) == (2 if INTERPRET else 0)  # one per block where the kernels run
+
+
+def test_model_with_triton_attention_compiles_whole(triton_attention):
+    """torch.compile(fullgraph=True) of the model with the blocks on the op: no graph break, and
+    the same loss and gradients as eager (on the kernels here when interpreted, else the op is not
+    taken and this is the SDPA model)."""
+    torch.manual_seed(0)
+    model = mae_fast.MaskedAutoencoderViT(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                                          decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = model(imgs, 0.75, noise, return_pred=False)[0]
+    closs = torch.compile(model, fullgraph=True, backend="aot_eager")(imgs, 0.75, noise, return_pred=False)[0]
+    torch.testing.assert_close(closs, loss, rtol=1e-5, atol=1e-6)
+    for g, cg in zip(torch.autograd.grad(loss, params), torch.autograd.grad(closs, params)):
+        torch.testing.assert_close(cg, g, rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 BAD = [
