@@ -6,9 +6,10 @@ count nothing, copy_/fill_ do not read their destination; a mae_fast op counts a
 fallback's internals not at all -- what its kernel reads and writes). The step runs under bf16
 autocast at two batch sizes; per op, the difference gives the bytes per image, scaled to --batch,
 plus a batch-independent part (weights, optimizer).
---fused counts the residual add + LayerNorm as the fused op, as it runs on CUDA.
+--fused counts the residual add + LayerNorm as the fused op, as it runs on CUDA; --attention triton
+the blocks' attention as mae_fast.ops.attention (set_attention_backend("triton") on CUDA).
 
-    python -m benchmarks.step_traffic --preset base --batch 256 --fused
+    python -m benchmarks.step_traffic --preset base --batch 256 --fused [--attention triton]
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ class OpBytes(TorchDispatchMode):
         return out
 
 
-def count(preset: str, batch: int, fused: bool) -> dict:
+def count(preset: str, batch: int, fused: bool, attention: str = "sdpa") -> dict:
     """{op: (calls, bytes at `batch`)} of one training step, from steps at batch 2 and 4."""
     torch.manual_seed(0)
     model = build_model(preset)
@@ -91,12 +92,21 @@ def count(preset: str, batch: int, fused: bool) -> dict:
     # the fused op's fallback: it runs as the custom op, one op to the mode (where the interpreter
     # would run the kernels, an eager call would go around the dispatcher, and its internals be seen)
     aln = sys.modules["mae_fast.ops.add_layer_norm"]
-    with mock.patch.object(layers, "_fuses", fuses), mock.patch.object(aln, "_kernels", lambda t, res_dtype: None):
-        for b in (2, 4):
-            step(b)  # optimizer state exists before the counted step
-            with OpBytes() as mode:
-                step(b)
-            counted[b] = mode.ops
+    attn = sys.modules["mae_fast.ops.attention"]
+    before = layers.attention_backend()
+    layers.set_attention_backend(attention)
+    # the blocks take the attention op as where its kernels run; it runs its fallback as one op
+    with mock.patch.object(layers, "_fuses", fuses), mock.patch.object(aln, "_kernels", lambda t, res_dtype: None), \
+            mock.patch.object(layers, "_attention_kernels", lambda qkv, heads: attention == "triton"), \
+            mock.patch.object(attn, "_kernels", lambda qkv, heads: None):
+        try:
+            for b in (2, 4):
+                step(b)  # optimizer state exists before the counted step
+                with OpBytes() as mode:
+                    step(b)
+                counted[b] = mode.ops
+        finally:
+            layers.set_attention_backend(before)
     out = {}
     for op in set(counted[2]) | set(counted[4]):
         (n2, b2), (n4, b4) = counted[2].get(op, (0, 0)), counted[4].get(op, (0, 0))
@@ -110,12 +120,15 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="base", choices=sorted(PRESETS))
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--fused", action="store_true", help="count the fused add + LayerNorm op, as on CUDA")
+    ap.add_argument("--attention", default="sdpa", choices=list(layers.ATTENTION_BACKENDS),
+                    help="the blocks' attention: SDPA, or mae_fast.ops.attention as one op")
     ap.add_argument("--gbps", type=float, default=4244.0, help="bandwidth for the ms column (H200 copy, measured)")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args(argv)
-    ops = count(args.preset, args.batch, args.fused)
+    ops = count(args.preset, args.batch, args.fused, args.attention)
     total = sum(b for _, b in ops.values())
-    print(f"{args.preset}, batch {args.batch}, bf16 autocast, {'fused' if args.fused else 'unfused'} add + norm")
+    print(f"{args.preset}, batch {args.batch}, bf16 autocast, {'fused' if args.fused else 'unfused'} add + norm, "
+          f"{args.attention} attention")
     for op, (n, b) in sorted(ops.items(), key=lambda kv: -kv[1][1])[:args.top]:
         print(f"{op:60s} {n:5d} calls {b / 1e9:8.2f} GB {b / args.gbps / 1e6:7.2f} ms")
     print(f"total: {total / 1e9:.1f} GB per step ({total / args.gbps / 1e6:.1f} ms at {args.gbps:g} GB/s)")

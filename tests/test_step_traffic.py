@@ -19,6 +19,15 @@ def test_counts_scale_with_batch_and_see_the_fused_op():
     assert all(not op.endswith((".view", ".permute", ".transpose")) for op in small)  # views move nothing
 
 
+def test_triton_attention_counts_the_op_and_drops_the_head_copies():
+    sdpa, ours = T.count("tiny", 8, fused=True), T.count("tiny", 8, fused=True, attention="triton")
+    blocks = 4 + 2
+    assert ours["mae_fast.attention"][0] == ours["mae_fast.attention_backward"][0] == blocks
+    assert not any("scaled_dot_product" in op for op in ours) and any("scaled_dot_product" in op for op in sdpa)
+    assert ours["aten.copy_"][1] < sdpa["aten.copy_"][1]  # the split's backward copies are gone
+    assert sum(b for _, b in ours.values()) < sum(b for _, b in sdpa.values())
+
+
 def test_cli_prints_the_total(capsys):
     assert T.main(["--preset", "tiny", "--batch", "16", "--top", "3"]) == 0
     out = capsys.readouterr().out
