@@ -65,14 +65,15 @@ def _no_op_attention():
     return types.SimpleNamespace(MAX_HEAD_DIM=128, attention_fwd=fwd, attention_bwd=bwd)
 
 
-def _fused_path(via_dispatcher: bool = False, attention: bool = False):
+def _fused_path(via_dispatcher: bool = False, attention: bool = False, add_norm: bool = True):
     """layers and the op take the kernel path, with no-op kernels; via_dispatcher: through the
     torch.library custom op, as eager calls did before _AddLayerNormEager; attention: the blocks'
-    attention too (mae_fast.ops.attention, for the mae_fast_triton_attn provider)."""
+    attention too (mae_fast.ops.attention, for the mae_fast_triton_attn provider); add_norm=False:
+    the attention only."""
     k = _no_op_kernels()
     aln = sys.modules["mae_fast.ops.add_layer_norm"]
     patches = [mock.patch.object(layers, "triton_kernels", lambda name, t: k),
-               mock.patch.object(aln, "_kernels", lambda t, res_dtype: k)]
+               mock.patch.object(aln, "_kernels", lambda t, res_dtype: k)] if add_norm else []
     if via_dispatcher:
         op = types.SimpleNamespace(apply=torch.ops.mae_fast.add_layer_norm)
         patches.append(mock.patch.object(aln, "_AddLayerNormEager", op))
@@ -92,7 +93,9 @@ def measure(rounds: int, case=CASE, warmup: int = 3) -> dict:
                                    ("mae_fast (fused)", "mae_fast", {}),
                                    ("mae_fast (fused, torch.library)", "mae_fast", dict(via_dispatcher=True)),
                                    ("mae_fast (fused, own attention)", "mae_fast_triton_attn",
-                                    dict(attention=True))]:
+                                    dict(attention=True)),
+                                   ("mae_fast (plain ops, own attention)", "mae_fast_triton_attn",
+                                    dict(attention=True, add_norm=False))]:
         try:
             _, _, _, step, _ = S._make_step(case, provider)
         except S.PeerUnavailable as e:
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
     print(f"host time per eager step: {c.depth}+{c.dec_depth} blocks, width {c.dim}, batch {c.batch}, fp32, "
           f"1 thread, torch {torch.__version__}, {args.rounds} interleaved rounds")
     for label, t in res.items():
-        print(f"{label:32s} {t * 1e3:8.2f} ms" + (f"   {t / base:.2f}x the reference" if base else ""))
+        print(f"{label:36s} {t * 1e3:8.2f} ms" + (f"   {t / base:.2f}x the reference" if base else ""))
     return 0
 
 

@@ -11,8 +11,9 @@ Providers (a case's speedups are computed by benchmarks/report.py from the same 
   mae_fast_triton_attn[_compiled|_graphed]
                        the same with the blocks on mae_fast.ops.attention (set_attention_backend
                        "triton"; the others run "sdpa")
-  mae_fast_unfused     mae_fast with residual add and LayerNorm as torch ops, not the fused kernel
-                       (an eager step is host-bound on an H200, and the kernel's autograd.Function
+  mae_fast[_triton_attn]_unfused
+                       eager, with residual add and LayerNorm as torch ops, not the fused kernel (an
+                       eager step is host-bound on an H200, and the kernel's autograd.Function
                        costs host time: benchmarks/host_overhead.py)
                        These opt-in providers (official API) run only when named in
                        MAE_FAST_BENCH_PROVIDERS.
@@ -127,7 +128,7 @@ PROVIDERS = {
     "seed": ["mae_fast", "reference", "vit_pytorch", "mae_fast_compiled", "reference_compiled"],
 }
 TRITON_ATTN = "_triton_attn"  # provider infix: the blocks on mae_fast.ops.attention
-OPT_IN = {"official": [f"mae_fast{TRITON_ATTN}{sfx}" for sfx in ("", "_compiled", "_graphed")]
+OPT_IN = {"official": [f"mae_fast{TRITON_ATTN}{sfx}" for sfx in ("", "_compiled", "_graphed", "_unfused")]
           + ["mae_fast_unfused"], "seed": []}
 OURS = ("mae_fast", "mae_fast_pred", "mae_fast_compiled", "mae_fast_graphed", *OPT_IN["official"])
 COMPILE_MODES = {"_compiled": "default", "_graphed": "reduce-overhead"}  # provider suffix -> torch.compile mode

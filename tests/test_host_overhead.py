@@ -32,7 +32,7 @@ def test_rows_take_the_paths_they_name(monkeypatch):
     per_step = 2 * 2 + 2 * 1 - 1  # 2 per block (depth 2 + 1), the encoder's final norm in; the decoder's first has no add
     res = H.measure(rounds=1, case=TINY, warmup=0)
     assert {"reference", "mae_fast (plain ops)", "mae_fast (fused)", "mae_fast (fused, torch.library)",
-            "mae_fast (fused, own attention)"} <= set(res)
+            "mae_fast (fused, own attention)", "mae_fast (plain ops, own attention)"} <= set(res)
     assert all(t > 0 for t in res.values())
     assert len(calls) == 3 * per_step  # the three fused rows, one step each; the plain row none
-    assert len(attn_calls) == 2 + 1  # the own-attention row only: one per block
+    assert len(attn_calls) == 2 * (2 + 1)  # the two own-attention rows: one per block
