@@ -13,8 +13,10 @@
 #   1) MAE_FAST_GPU_BUDGET_S=420 MAE_FAST_BENCH_PROVIDERS=mae_fast,mae_fast_pred,reference,hf,vit_pytorch
 #   2) MAE_FAST_GPU_STAGES=info,bench-step,report MAE_FAST_RESULTS_DIR=benchmarks/results/call2
 #      MAE_FAST_BENCH_PROVIDERS=mae_fast_graphed,mae_fast_compiled,reference_compiled (budget: what is left)
-# The next run also decides the attention default (mae_fast.ops.attention vs SDPA, never timed):
-#   1) add mae_fast_triton_attn to the providers; bench-ops measures test_bench_attention.py
+# The next run also decides the attention default (mae_fast.ops.attention vs SDPA, never timed) and
+# whether eager should fuse add + LayerNorm on a host-bound GPU:
+#   1) add mae_fast_triton_attn,mae_fast_unfused,mae_fast_triton_attn_unfused to the providers;
+#      bench-ops measures test_bench_attention.py
 #   2) MAE_FAST_GPU_STAGES=info,bench-step,profile,report, MAE_FAST_BENCH_PROVIDERS=mae_fast_graphed,
 #      mae_fast_triton_attn_graphed,reference_compiled, MAE_FAST_PROFILE_PROVIDERS=mae_fast_graphed,
 #      MAE_FAST_PROFILE_S=120
