@@ -15,8 +15,8 @@
 #      MAE_FAST_BENCH_PROVIDERS=mae_fast_graphed,mae_fast_compiled,reference_compiled (budget: what is left)
 # The next run also decides the attention default (mae_fast.ops.attention vs SDPA, never timed) and
 # whether eager should fuse add + LayerNorm on a host-bound GPU:
-#   1) add mae_fast_triton_attn,mae_fast_unfused,mae_fast_triton_attn_unfused to the providers;
-#      bench-ops measures test_bench_attention.py
+#   1) add mae_fast_triton_attn,mae_fast_unfused,mae_fast_triton_attn_unfused to the providers, and
+#      MAE_FAST_BENCH_OPS=attention (the other op suites ran in session 4; all of them do not fit)
 #   2) MAE_FAST_GPU_STAGES=info,bench-step,profile,report, MAE_FAST_BENCH_PROVIDERS=mae_fast_graphed,
 #      mae_fast_triton_attn_graphed,reference_compiled, MAE_FAST_PROFILE_PROVIDERS=mae_fast_graphed,
 #      MAE_FAST_PROFILE_S=120
