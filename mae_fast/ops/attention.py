@@ -131,13 +131,12 @@ class _AttentionEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, heads):
-        out, lse = _forward_impl(qkv, heads)
-        ctx.heads = heads
-        ctx.save_for_backward(qkv, out, lse)
-        return out
+        output = _forward_impl(qkv, heads)
+        _setup(ctx, (qkv, heads), output)
+        return output
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_lse):
         qkv, out, lse = ctx.saved_tensors
         return _backward_impl(grad_out, qkv, out, lse, ctx.heads), None
 
@@ -169,7 +168,7 @@ def attention(qkv: Tensor, num_heads: int) -> Tensor:
         raise ValueError(f"qkv must have shape (B, N, 3 * num_heads * d) with d >= 1 (num_heads = {heads}), "
                          f"got {tuple(qkv.shape)}")
     if not torch.compiler.is_compiling() and _kernels(qkv, heads) is not None:
-        return _AttentionEager.apply(qkv, heads)
+        return _AttentionEager.apply(qkv, heads)[0]
     return torch.ops.mae_fast.attention(qkv, heads)[0]
 
 
