@@ -34,7 +34,9 @@ DTYPE = torch.bfloat16 if CUDA else torch.float32
 # impl -> the SDPA backend forced (None: torch's choice); "mae_fast" is the op
 BACKENDS = {"eager": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
             "cudnn": "CUDNN_ATTENTION"} if CUDA else {"eager": None}
-IMPLS = [*BACKENDS, "mae_fast"]  # "eager" first: the others' speedups are over it
+# "eager" first: the others' speedups are over it. mae_fast_two_pass: the op with its dq kernel even
+# where one key block holds the sequence (the encoder), to time what the one-pass backward saves
+IMPLS = [*BACKENDS, "mae_fast"] + (["mae_fast_two_pass"] if CUDA else [])
 MODES = ["fwd", "fwd_bwd"]
 
 _RESULTS = {}
@@ -59,7 +61,7 @@ def _fn(impl, mode, qkv, heads):
     """A no-argument callable running one forward (+ backward) of the case."""
     def f(t):
         with _sdpa_backend(impl):
-            return mae_fast.ops.attention(t, heads) if impl == "mae_fast" else layers.attend_sdpa(t, heads)
+            return mae_fast.ops.attention(t, heads) if impl.startswith("mae_fast") else layers.attend_sdpa(t, heads)
     if mode == "fwd":
         f(qkv)  # a forced backend that cannot run the case raises here, before timing
         return lambda: f(qkv)
@@ -71,8 +73,12 @@ def _fn(impl, mode, qkv, heads):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_bench(benchmark, median_op_seconds, bench_record, name, impl, mode):
+def test_bench(benchmark, median_op_seconds, bench_record, monkeypatch, name, impl, mode):
     B, N, H, d = CASES[name]
+    if impl == "mae_fast_two_pass":
+        from mae_fast.kernels import attention
+
+        monkeypatch.setattr(attention, "ONE_PASS_BWD", False)
     case = f"attention-{name}-{mode}-B{B}-N{N}-H{H}-d{d}"
     qkv = torch.randn(B, N, 3 * H * d, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0)).to(DTYPE)
     try:

@@ -12,8 +12,10 @@ accumulator, p rounded to the value dtype for the second product). The backward 
 lse and writes dq, dk, dv into one (B, N, 3 * H * d) gradient of qkv, the layout of the qkv
 Linear's output: the split into heads costs no copy either way. Two kernels: the dq kernel, which
 also computes delta = rowsum(dout * out) (one program per query block, so each row once), then
-the dk/dv kernel (one program per key block, looping over the query blocks). No atomics: the
-gradient is deterministic.
+the dk/dv kernel (one program per key block, looping over the query blocks). Where one key block
+holds the whole sequence (the MAE encoder's 50 tokens), the dk/dv program sees every key: it
+computes delta and dq as well, and the dq kernel is skipped (5 products per block instead of 7,
+one exp2 instead of two). No atomics: the gradient is deterministic.
 
 MAE's sequences are short (50 tokens in the encoder, 197 in the decoder): every program loops over
 a few blocks only, so the grid (query or key blocks x B * H) is what fills the GPU.
@@ -30,6 +32,10 @@ empty = torch.empty
 MAX_HEAD_DIM = 128
 
 _LOG2E = 1.4426950408889634
+
+# The backward takes one pass (no dq kernel) where one key block holds the sequence and d <= 64;
+# tests set it False to run the two-kernel backward at those lengths too.
+ONE_PASS_BWD = True
 
 
 def _config(N, d, dtype):
@@ -133,13 +139,15 @@ def _attn_bwd_dq_kernel(
 
 @triton.jit
 def _attn_bwd_dkv_kernel(
-    qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr,
-    H, N, s_qb, s_qn, s_gb, s_gn, s_db, s_dn, qk_scale, sm_scale,
+    qkv_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr,
+    H, N, s_qb, s_qn, s_ob, s_on, s_gb, s_gn, s_db, s_dn, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, WITH_DQ: tl.constexpr,
 ):
     """Grid (B * H * cdiv(N, BLOCK_N),): dk and dv of key rows [i * BLOCK_N, ...). Padded key rows
-    (k = v = 0) may accumulate inf (exp2(0 - lse)); each key row is its own, and they are not stored."""
+    (k = v = 0) may accumulate inf (exp2(0 - lse)); each key row is its own, and they are not stored.
+    WITH_DQ (N <= BLOCK_N: this program holds every key): delta from out and dout, and each query
+    block's dq, padded keys masked out of p as in the dq kernel. Otherwise delta comes from it."""
     bh, b, keys, cols, col_ok, base = _program(qkv_ptr, H, N, s_qb, HEAD_D, D_PAD, BLOCK_N)
     h = bh % H
     inner = H * HEAD_D
@@ -157,13 +165,22 @@ def _attn_bwd_dkv_kernel(
         do = tl.load(do_ptr + b * s_gb + h * HEAD_D + rows[:, None] * s_gn + cols[None, :], mask=m, other=0.0)
         stat = bh.to(tl.int64) * N + rows
         lse = tl.load(lse_ptr + stat, mask=row_ok, other=0.0)
-        delta = tl.load(delta_ptr + stat, mask=row_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])  # padded rows: q = lse = 0, so p = 1, and do = delta = 0: they add 0
+        if WITH_DQ:
+            o = tl.load(o_ptr + b * s_ob + h * HEAD_D + rows[:, None] * s_on + cols[None, :], mask=m, other=0.0)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+            p = tl.where(key_ok[None, :], p, 0.0)
+        else:
+            delta = tl.load(delta_ptr + stat, mask=row_ok, other=0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dk += tl.dot(tl.trans(ds), q, input_precision=PRECISION)
+        if WITH_DQ:
+            dq = tl.dot(ds, k, input_precision=PRECISION) * sm_scale
+            tl.store(dqkv_ptr + b * s_db + h * HEAD_D + rows[:, None] * s_dn + cols[None, :],
+                     dq.to(dqkv_ptr.dtype.element_ty), mask=m)
     g_off = dqkv_ptr + b * s_db + h * HEAD_D + keys[:, None] * s_dn + cols[None, :]
     tl.store(g_off + inner, (dk * sm_scale).to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(g_off + 2 * inner, dv.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
@@ -200,15 +217,17 @@ def attention_bwd(grad_out, qkv, out, lse, heads):
     dqkv = empty((B, N, three_inner), device=qkv.device, dtype=qkv.dtype)
     if B * N == 0:
         return dqkv
-    delta = empty((B * heads, N), device=qkv.device, dtype=torch.float32)
     bm, bn, d_pad, warps = _config(N, d, qkv.dtype)
+    one_pass = ONE_PASS_BWD and N <= bn and d_pad <= 64
+    if one_pass and d_pad == 64:
+        bm = max(16, bn // 2)  # 64 x 64 spills with the dq work added (ptxas, tests/test_triton_compile.py)
+    delta = lse if one_pass else empty((B * heads, N), device=qkv.device, dtype=torch.float32)  # unused if one_pass
     sm_scale = d ** -0.5
     meta = dict(HEAD_D=d, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(qkv.dtype), num_warps=warps)
-    strides = (qkv.stride(0), qkv.stride(1))
-    g_strides = (grad_out.stride(0), grad_out.stride(1), dqkv.stride(0), dqkv.stride(1))
-    _attn_bwd_dq_kernel[(B * heads * triton.cdiv(N, bm),)](
-        qkv, out, grad_out, lse, delta, dqkv, heads, N, *strides, out.stride(0), out.stride(1), *g_strides,
-        sm_scale * _LOG2E, sm_scale, **meta)
-    _attn_bwd_dkv_kernel[(B * heads * triton.cdiv(N, bn),)](
-        qkv, grad_out, lse, delta, dqkv, heads, N, *strides, *g_strides, sm_scale * _LOG2E, sm_scale, **meta)
+    args = (qkv, out, grad_out, lse, delta, dqkv, heads, N, qkv.stride(0), qkv.stride(1), out.stride(0),
+            out.stride(1), grad_out.stride(0), grad_out.stride(1), dqkv.stride(0), dqkv.stride(1),
+            sm_scale * _LOG2E, sm_scale)
+    if not one_pass:
+        _attn_bwd_dq_kernel[(B * heads * triton.cdiv(N, bm),)](*args, **meta)
+    _attn_bwd_dkv_kernel[(B * heads * triton.cdiv(N, bn),)](*args, WITH_DQ=one_pass, **meta)
     return dqkv

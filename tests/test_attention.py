@@ -2,8 +2,9 @@
 float64 reference, and the blocks' "triton" attention backend.
 
 Both CPU dispatch paths run the parity tests: 'triton' (mae_fast.kernels.attention under the
-interpreter, every buffer it allocates NaN-poisoned) and 'torch' (the PyTorch fallback,
-TRITON_INTERPRET=0). fp32 is held to rtol 1e-5 against float64; fp16 to flash-attention's own rule,
+interpreter, every buffer it allocates NaN-poisoned), also as 'triton-two-kernel-bwd' (the dq
+kernel's backward even where one key block holds the sequence), and 'torch' (the PyTorch
+fallback, TRITON_INTERPRET=0). fp32 is held to rtol 1e-5 against float64; fp16 to flash-attention's own rule,
 max |out - ref64| <= 2 max |SDPA in fp16 - ref64| + atol (over the whole tensor: attention outputs
 pass near 0 where an elementwise bound would hinge on torch's rounding there). bf16 arithmetic is
 wrong under the interpreter (DESIGN 5): bf16 is tested on the GPU.
@@ -16,7 +17,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _triton_ops import INTERPRET, OpLog, _nan_empty, path, runs_without_sync  # noqa: F401 (path: a fixture)
+from _triton_ops import INTERPRET, OpLog, _nan_empty, runs_without_sync
 
 import mae_fast
 from mae_fast import layers
@@ -31,6 +32,19 @@ else:
 # B, N, heads, d: one token; several key/query blocks (N > 64) and N not a power of two; d not a
 # power of two; MAE's head dims 32 and 64
 SHAPES = [(1, 1, 1, 1), (2, 5, 2, 8), (1, 70, 2, 16), (2, 17, 1, 24), (1, 50, 2, 64), (2, 9, 3, 32)]
+
+
+@pytest.fixture(params=["triton", "triton-two-kernel-bwd", "torch"])
+def path(request, monkeypatch):
+    """_triton_ops' dispatch paths, the triton one also with the two-kernel backward everywhere."""
+    if request.param.startswith("triton"):
+        if not INTERPRET:
+            pytest.skip("the interpreted-Triton path needs TRITON_INTERPRET=1")
+        if request.param == "triton-two-kernel-bwd":
+            monkeypatch.setattr(kat, "ONE_PASS_BWD", False)
+        return "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    return "torch"
 
 
 @pytest.fixture(autouse=True)
@@ -79,8 +93,10 @@ def test_fp32_matches_float64(path, shape):
     close64(g, g64)
 
 
-def test_fp16_two_x_rule(path):
-    B, N, H, d = 2, 37, 2, 16
+@pytest.mark.parametrize("shape", [(2, 37, 2, 16), (2, 50, 2, 64)], ids=str)
+def test_fp16_two_x_rule(path, shape):
+    """(50, 64): the encoder's one-pass backward, two query blocks per key block."""
+    B, N, H, d = shape
     qkv, grad = torch.randn(B, N, 3 * H * d).half(), torch.randn(B, N, H * d).half()
     out, g = fwd_bwd(mae_fast.ops.attention, qkv, H, grad)
     low, glow = fwd_bwd(sdpa, qkv, H, grad)
