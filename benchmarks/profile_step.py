@@ -5,6 +5,10 @@ On CUDA it also gives the GPU-busy fraction (kernel time / wall time): near 100%
 overhead is hidden and CUDA graphs cannot help; lower means the host is the bottleneck. On CPU the
 categories are aten ops' self time (a smoke run: the harness stays alive in CI).
 
+Then, without torch.profiler, where the host's time goes: the time step() takes to return after a
+sync (the host's share of a step, unless the launch queue fills), and cProfile's functions by own
+time (--host-steps; a C++ op's own time there is its dispatch and launch, or a wait on the GPU).
+
     python -m benchmarks.profile_step --case official-vit_b16 --providers mae_fast,reference --out prof.md
 """
 from __future__ import annotations
@@ -45,8 +49,9 @@ def category(name: str) -> str:
     return next((cat for cat, pat in CATEGORIES if re.search(pat, low)), "other")
 
 
-def profile_provider(case, provider: str, steps: int, warmup: int) -> dict:
-    """Profiles `steps` training steps after `warmup`; returns per-step times by kernel / op name."""
+def profile_provider(case, provider: str, steps: int, warmup: int, host_steps: int = 0) -> dict:
+    """Profiles `steps` training steps after `warmup`; returns per-step times by kernel / op name,
+    and with host_steps, host_profile's report of that many more."""
     from torch.profiler import ProfilerActivity, profile
 
     model, opt, _, step, _ = S._make_step(case, provider)
@@ -71,9 +76,37 @@ def profile_provider(case, provider: str, steps: int, warmup: int) -> dict:
         for e in prof.key_averages():
             if e.key.startswith("aten::") and e.self_cpu_time_total > 0:
                 times[e.key] += e.self_cpu_time_total * 1e-6 / steps
+    host = host_profile(step, host_steps) if host_steps else None
     del model, opt, step
     S._cleanup(S.compile_mode(provider) is not None)
-    return dict(wall=wall, times=dict(times), launches=launches / steps)
+    return dict(wall=wall, times=dict(times), launches=launches / steps, host=host)
+
+
+def host_profile(step, steps: int, top: int = 12) -> dict:
+    """{return_s: median time for step() to return after a sync, functions: the top functions by
+    cProfile own time, (name, s per step, calls per step)} over `steps` steps."""
+    import cProfile
+    import pstats
+    import statistics
+
+    returns = []
+    for _ in range(steps):
+        S._sync()
+        t = time.perf_counter()
+        step()
+        returns.append(time.perf_counter() - t)
+    S._sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    S._sync()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return dict(return_s=statistics.median(returns),
+                functions=[(f"{Path(f).name}:{line}({name})" if line else name, own / steps, calls / steps)
+                           for (f, line, name), (_, calls, own, _, _) in rows])
 
 
 def render(case, results: dict, top: int = 8) -> str:
@@ -94,6 +127,12 @@ def render(case, results: dict, top: int = 8) -> str:
         lines += [f"- {t * 1e3:7.2f} ms  [{category(n)}] {n[:110]}"
                   for n, t in sorted(r["times"].items(), key=lambda kv: -kv[1])[:top]]
         lines.append("")
+        if r.get("host"):
+            h = r["host"]
+            lines += [f"host: step() returns {h['return_s'] * 1e3:.2f} ms after a sync; cProfile's top functions "
+                      f"by own time (ms/step, calls/step):", ""]
+            lines += [f"- {t * 1e3:7.2f} ms {calls:7.0f}  {name[:110]}" for name, t, calls in h["functions"]]
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -105,6 +144,7 @@ def main(argv=None) -> int:
                    help="comma-separated providers of benchmarks/test_bench_step.py")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--host-steps", type=int, default=3, help="steps of the host profile (0: none)")
     p.add_argument("--out", type=Path, help="also write the markdown here")
     args = p.parse_args(argv)
     case = cases[args.case]
@@ -122,7 +162,7 @@ def main(argv=None) -> int:
     try:
         for provider in providers:
             try:
-                results[provider] = profile_provider(case, provider, args.steps, args.warmup)
+                results[provider] = profile_provider(case, provider, args.steps, args.warmup, args.host_steps)
             except S.PeerUnavailable as e:
                 print(f"{provider}: skipped ({e})")
     finally:

@@ -28,10 +28,12 @@ def test_category(name, cat):
 def test_profile_runs_on_cpu(tmp_path, capsys):
     out = tmp_path / "prof.md"
     assert profile_step.main(["--case", "official-micro", "--providers", "mae_fast,reference", "--steps", "1",
-                              "--warmup", "1", "--out", str(out)]) == 0
+                              "--warmup", "1", "--host-steps", "1", "--out", str(out)]) == 0
     text = out.read_text()
     assert "**mae_fast**" in text and "**reference**" in text
     assert "| matmul |" in text  # both models spend time in matmuls
+    assert text.count("host: step() returns") == 2
+    assert "(linear)" in text or "addmm" in text  # on CPU the host's top own time is the matmuls'
     assert text.strip() in capsys.readouterr().out
 
 
