@@ -14,8 +14,8 @@
 #   2) MAE_FAST_GPU_STAGES=info,bench-step,report MAE_FAST_RESULTS_DIR=benchmarks/results/call2
 #      MAE_FAST_BENCH_PROVIDERS=mae_fast_graphed,mae_fast_compiled,reference_compiled (budget: what is left)
 # The next run also decides the attention default (mae_fast.ops.attention vs SDPA, never timed) and
-# whether eager should fuse add + LayerNorm on a host-bound GPU:
-#   1) add mae_fast_triton_attn,mae_fast_unfused,mae_fast_triton_attn_unfused to the providers, and
+# checks session 6's eager default, add + LayerNorm as torch ops (mae_fast_fused: the fused kernel):
+#   1) add mae_fast_triton_attn,mae_fast_fused,mae_fast_triton_attn_fused to the providers, and
 #      MAE_FAST_BENCH_OPS=attention (the other op suites ran in session 4; all of them do not fit)
 #   2) MAE_FAST_GPU_STAGES=info,bench-step,profile,report, MAE_FAST_BENCH_PROVIDERS=mae_fast_graphed,
 #      mae_fast_triton_attn_graphed,reference_compiled, MAE_FAST_PROFILE_PROVIDERS=mae_fast_graphed,

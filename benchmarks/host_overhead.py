@@ -7,8 +7,8 @@ busy 51% of it (benchmarks/results/gpu_logs/session4/profile.md). Its host time 
 speed. Here each provider runs a ViT-L-deep model (24 + 8 blocks, width 64, batch 2) in fp32
 on one thread, on 64 px images (16 patches: 5 encoder and 17 decoder tokens, so that attention's
 N^2 arithmetic is negligible too; at 224 px the CPU attention of the SDPA and math rows took ~12 ms
-of a ~65 ms step). `mae_fast (fused)` takes the fused add + LayerNorm path as on CUDA, with its
-kernels replaced by the allocations they would make (`torch.library`: through the custom op's
+of a ~65 ms step). `mae_fast (fused)` takes the fused add + LayerNorm path as on CUDA with
+set_fused_add_norm(True), its kernels replaced by the allocations they would make (`torch.library`: through the custom op's
 dispatch, which eager calls no longer take; `own attention`: the blocks' attention on
 mae_fast.ops.attention, also with no-op kernels). Providers run round-robin, one step each per
 round, so the load of a shared machine hits them alike; the medians are reported.
@@ -90,9 +90,9 @@ def measure(rounds: int, case=CASE, warmup: int = 3) -> dict:
     steps = {}
     for label, provider, fused in [("reference", "reference", None), ("hf", "hf", None),
                                    ("mae_fast (plain ops)", "mae_fast", None),
-                                   ("mae_fast (fused)", "mae_fast", {}),
-                                   ("mae_fast (fused, torch.library)", "mae_fast", dict(via_dispatcher=True)),
-                                   ("mae_fast (fused, own attention)", "mae_fast_triton_attn",
+                                   ("mae_fast (fused)", "mae_fast_fused", {}),
+                                   ("mae_fast (fused, torch.library)", "mae_fast_fused", dict(via_dispatcher=True)),
+                                   ("mae_fast (fused, own attention)", "mae_fast_triton_attn_fused",
                                     dict(attention=True)),
                                    ("mae_fast (plain ops, own attention)", "mae_fast_triton_attn",
                                     dict(attention=True, add_norm=False))]:

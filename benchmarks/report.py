@@ -25,7 +25,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_CSV = RESULTS / "results.csv"
 
 OPT_IN = ["mae_fast_triton_attn", "mae_fast_triton_attn_compiled", "mae_fast_triton_attn_graphed",
-          "mae_fast_triton_attn_unfused", "mae_fast_unfused"]  # benchmarks/test_bench_step.py's opt-in providers
+          "mae_fast_triton_attn_fused", "mae_fast_fused"]  # benchmarks/test_bench_step.py's opt-in providers
 OURS = ["mae_fast", "mae_fast_pred", "mae_fast_compiled", "mae_fast_graphed", *OPT_IN]
 PEERS = ["reference", "reference_compiled", "hf", "vit_pytorch"]
 PROVIDER_ORDER = OURS + PEERS
@@ -37,8 +37,9 @@ PROVIDER_NOTES = {
     "mae_fast_triton_attn": "mae_fast with its own attention kernels (set_attention_backend('triton'))",
     "mae_fast_triton_attn_compiled": "torch.compile of mae_fast_triton_attn",
     "mae_fast_triton_attn_graphed": "torch.compile(mode='reduce-overhead') of mae_fast_triton_attn",
-    "mae_fast_unfused": "mae_fast with residual add and LayerNorm as torch ops (eager)",
-    "mae_fast_triton_attn_unfused": "mae_fast_unfused with its own attention kernels",
+    "mae_fast_fused": "mae_fast, eager, each residual add fused into the next LayerNorm's kernel "
+                      "(set_fused_add_norm(True); mae_fast's eager default in runs before 2026-11-29)",
+    "mae_fast_triton_attn_fused": "mae_fast_fused with its own attention kernels",
     "reference": "mae_fast.reference, eager, explicit softmax attention",
     "reference_compiled": "torch.compile(reference)",
     "hf": "transformers ViTMAEForPreTraining, sdpa attention, same weights",

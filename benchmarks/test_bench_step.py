@@ -11,10 +11,11 @@ Providers (a case's speedups are computed by benchmarks/report.py from the same 
   mae_fast_triton_attn[_compiled|_graphed]
                        the same with the blocks on mae_fast.ops.attention (set_attention_backend
                        "triton"; the others run "sdpa")
-  mae_fast[_triton_attn]_unfused
-                       eager, with residual add and LayerNorm as torch ops, not the fused kernel (an
-                       eager step is host-bound on an H200, and the kernel's autograd.Function
-                       costs host time: benchmarks/host_overhead.py)
+  mae_fast[_triton_attn]_fused
+                       eager, with each residual add fused into the next LayerNorm's kernel
+                       (set_fused_add_norm(True); the others run without: an eager step is
+                       host-bound on an H200, and the kernel's autograd.Function costs host time,
+                       benchmarks/host_overhead.py)
                        These opt-in providers (official API) run only when named in
                        MAE_FAST_BENCH_PROVIDERS.
   reference            mae_fast.reference, eager, explicit softmax attention (the oracle)
@@ -58,7 +59,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -68,7 +68,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import mae_fast  # noqa: E402
-from mae_fast import layers  # noqa: E402
 from mae_fast import reference as R  # noqa: E402
 
 from benchmarks.common import CUDA, DEVICE, device_name  # noqa: E402
@@ -128,8 +127,8 @@ PROVIDERS = {
     "seed": ["mae_fast", "reference", "vit_pytorch", "mae_fast_compiled", "reference_compiled"],
 }
 TRITON_ATTN = "_triton_attn"  # provider infix: the blocks on mae_fast.ops.attention
-OPT_IN = {"official": [f"mae_fast{TRITON_ATTN}{sfx}" for sfx in ("", "_compiled", "_graphed", "_unfused")]
-          + ["mae_fast_unfused"], "seed": []}
+OPT_IN = {"official": [f"mae_fast{TRITON_ATTN}{sfx}" for sfx in ("", "_compiled", "_graphed", "_fused")]
+          + ["mae_fast_fused"], "seed": []}
 OURS = ("mae_fast", "mae_fast_pred", "mae_fast_compiled", "mae_fast_graphed", *OPT_IN["official"])
 COMPILE_MODES = {"_compiled": "default", "_graphed": "reduce-overhead"}  # provider suffix -> torch.compile mode
 
@@ -329,7 +328,7 @@ def _build(c: Case, provider: str):
     """(module whose parameters train, loss function of (imgs, noise), model FLOPs of one step)."""
     mode = compile_mode(provider)
     base = next((provider.removesuffix(sfx) for sfx in COMPILE_MODES if provider.endswith(sfx)), provider)
-    base = base.replace(TRITON_ATTN, "").removesuffix("_unfused")
+    base = base.replace(TRITON_ATTN, "").removesuffix("_fused")
     state = _initial_state(c)
     with torch.device(DEVICE):
         if c.api == "official":
@@ -454,20 +453,21 @@ def _make_step(case: Case, provider: str):
     model, loss_fn, flops = _build(case, provider)
     opt, opt_kind = _adamw(model, case.batch)
     imgs, noise = _inputs(case)
-    attention = "triton" if TRITON_ATTN in provider else "sdpa"  # set per step, whatever MAE_FAST_ATTENTION says
-
-    unfused = mock.patch.object(layers, "_fuses", lambda x, norm: False) if provider.endswith("_unfused") \
-        else contextlib.nullcontext()
+    # set per step, whatever MAE_FAST_ATTENTION / MAE_FAST_FUSED_ADD_NORM say
+    attention = "triton" if TRITON_ATTN in provider else "sdpa"
+    fused = provider.endswith("_fused")
 
     def step():
-        before = mae_fast.attention_backend()
+        before = mae_fast.attention_backend(), mae_fast.fused_add_norm()
         mae_fast.set_attention_backend(attention)
+        mae_fast.set_fused_add_norm(fused)
         try:
-            with _amp(), unfused:
+            with _amp():
                 loss = loss_fn(imgs, noise)
             loss.backward()
         finally:
-            mae_fast.set_attention_backend(before)
+            mae_fast.set_attention_backend(before[0])
+            mae_fast.set_fused_add_norm(before[1])
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss

@@ -5,9 +5,9 @@ The fused qkv projection is viewed as (B, N, 3, heads, d) and permuted, never co
 q, k, v with a unit last stride, and the flash kernel's output transposes back to (B, N, D) as a
 view.
 
-Stacks of pre-norm blocks run through `run_blocks`: every residual add is fused with the LayerNorm
-that reads its result (mae_fast.ops.add_layer_norm), one memory pass instead of add, norm and
-autocast's cast. The state-dict keys stay timm's.
+Stacks of pre-norm blocks run through `run_blocks`. With set_fused_add_norm(True), every residual
+add is fused with the LayerNorm that reads its result (mae_fast.ops.add_layer_norm), one memory
+pass instead of add, norm and autocast's cast. The state-dict keys stay timm's.
 """
 from __future__ import annotations
 
@@ -39,6 +39,34 @@ def _set(name: str) -> str:
 
 
 _attention_backend = _set(_check_backend(os.environ.get("MAE_FAST_ATTENTION", "sdpa"), "MAE_FAST_ATTENTION"))
+
+
+def _check_flag(value: str, source: str) -> bool:
+    if value not in ("0", "1"):
+        raise ValueError(f"{source} must be '0' or '1', got {value!r}")
+    return value == "1"
+
+
+_fused_add_norm = _check_flag(os.environ.get("MAE_FAST_FUSED_ADD_NORM", "0"), "MAE_FAST_FUSED_ADD_NORM")
+
+
+def set_fused_add_norm(enabled: bool) -> None:
+    """Whether eager blocks fuse each residual add with the LayerNorm after it (one Triton kernel,
+    mae_fast.ops.add_layer_norm, where it runs: CUDA, or the Triton interpreter). Off by default:
+    on an H200 the eager ViT-B/L steps are host-bound, and the fused op's Python autograd.Function
+    and Triton launches cost more host time than torch's add and layer_norm (its forward + backward
+    took 3.1x theirs at the ViT-B encoder's size). It saves GPU time (the ViT-B decoder's forward:
+    90 us instead of 253), so turn it on where the GPU is the bottleneck. Under torch.compile it
+    never runs: inductor fuses add and norm itself. MAE_FAST_FUSED_ADD_NORM=1 sets the initial
+    value. Global, read at each call."""
+    global _fused_add_norm
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _fused_add_norm = enabled
+
+
+def fused_add_norm() -> bool:
+    return _fused_add_norm
 
 
 def set_attention_backend(name: str) -> None:
@@ -146,10 +174,10 @@ def has_hooks(m: nn.Module) -> bool:
 
 
 def _fuses(x: torch.Tensor, norm: nn.Module) -> bool:
-    """The fused add + LayerNorm runs where it is a Triton kernel (CUDA; CPU under the interpreter)
-    and not while torch.compile traces: inductor fuses add and norm itself, with their neighbours.
-    A norm with hooks is called as a module, so its hooks run."""
-    return (type(norm) is nn.LayerNorm and norm.weight is not None and len(norm.normalized_shape) == 1
+    """The fused add + LayerNorm runs when set_fused_add_norm(True), where it is a Triton kernel
+    (CUDA; CPU under the interpreter), and not while torch.compile traces: inductor fuses add and
+    norm itself, with their neighbours. A norm with hooks is called as a module, so its hooks run."""
+    return (_fused_add_norm and type(norm) is nn.LayerNorm and norm.weight is not None and len(norm.normalized_shape) == 1
             and not has_hooks(norm) and not torch.compiler.is_compiling()
             and triton_kernels("add_layer_norm", x) is not None)
 

@@ -60,12 +60,15 @@ def test_triton_attention_provider_steps_on_the_op(monkeypatch):
         assert mae_fast.attention_backend() == "sdpa"
 
 
-def test_unfused_provider_steps_without_the_fused_add_norm(monkeypatch):
+def test_only_the_fused_provider_steps_with_the_fused_add_norm(monkeypatch):
+    """Each provider sets the switch for its step, whatever the session's setting, and restores it."""
+    import mae_fast
     from test_host_overhead import H, count_launches
 
     calls = count_launches(monkeypatch, "_no_op_kernels", "add_layer_norm_fwd")
     case = S.QUICK_CASES[0]
-    for provider in ("mae_fast", "mae_fast_unfused"):
+    monkeypatch.setattr(sys.modules["mae_fast.layers"], "_fused_add_norm", True)
+    for provider in ("mae_fast", "mae_fast_fused"):
         step = S._make_step(case, provider)[3]
         patches = H._fused_path()  # the kernel path, as on CUDA, with no-op kernels
         for p in patches:
@@ -76,4 +79,5 @@ def test_unfused_provider_steps_without_the_fused_add_norm(monkeypatch):
         finally:
             for p in patches:
                 p.stop()
-        assert (len(calls) > 0) == (provider == "mae_fast"), provider
+        assert (len(calls) > 0) == (provider == "mae_fast_fused"), provider
+        assert mae_fast.fused_add_norm()

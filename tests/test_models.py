@@ -244,12 +244,37 @@ def _count_fused_add_norms(monkeypatch):
     return calls
 
 
+def test_fused_add_norm_switch(monkeypatch):
+    """Off by default; set_fused_add_norm takes a bool; MAE_FAST_FUSED_ADD_NORM sets it at import
+    and a bad value names the variable."""
+    import subprocess
+    import sys
+
+    assert mae_fast.fused_add_norm() is False
+    monkeypatch.setattr(mae_fast.layers, "_fused_add_norm", False)  # restored after the test
+    mae_fast.set_fused_add_norm(True)
+    assert mae_fast.fused_add_norm() is True
+    with pytest.raises(TypeError, match="enabled must be a bool, got int"):
+        mae_fast.set_fused_add_norm(1)
+    code = "import mae_fast; print(mae_fast.fused_add_norm())"
+    for value, ok in (("1", "True"), ("0", "False"), ("yes", None)):
+        r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MAE_FAST_FUSED_ADD_NORM=value),
+                           capture_output=True, text=True)
+        if ok:
+            assert r.stdout.strip() == ok, r.stderr
+        else:
+            assert r.returncode != 0 and "MAE_FAST_FUSED_ADD_NORM must be '0' or '1', got 'yes'" in r.stderr
+
+
 @pytest.mark.skipif(not INTERPRET_OR_CUDA, reason="the fused add + norm runs only as a Triton kernel")
 def test_blocks_fuse_every_residual_add_into_the_next_norm(monkeypatch):
-    """Every residual add but the decoder's last is fused with the norm after it (the parity tests
-    above then cover the fused kernel inside the models)."""
+    """With set_fused_add_norm(True), every residual add but the decoder's last is fused with the
+    norm after it; by default none is."""
     calls = _count_fused_add_norms(monkeypatch)
     fast, _ = official_pair()
+    fast(torch.randn(2, 3, 16, 24))
+    assert calls == []
+    monkeypatch.setattr(mae_fast.layers, "_fused_add_norm", True)
     fast(torch.randn(2, 3, 16, 24))
     enc, dec = OFFICIAL["depth"], OFFICIAL["decoder_depth"]
     assert len(calls) == 2 * enc + (2 * dec - 1)  # the decoder's last add precedes the row gather
@@ -264,9 +289,10 @@ def test_blocks_fuse_every_residual_add_into_the_next_norm(monkeypatch):
     assert calls == [torch.bfloat16] * (2 * enc - 1) + [None] + [torch.bfloat16] * (2 * dec - 1)
 
 
-def test_hooked_and_wrapped_blocks_still_run_as_modules():
+def test_hooked_and_wrapped_blocks_still_run_as_modules(monkeypatch):
     """Fusing across blocks must not bypass what wraps or hooks them (FSDP's unshard, activation
     checkpointing, feature taps): such blocks are called as modules, with the same loss."""
+    monkeypatch.setattr(mae_fast.layers, "_fused_add_norm", True)
     fast, _ = official_pair()
     imgs, noise = torch.randn(2, 3, 16, 24), torch.rand(2, 24)
     plain = fast(imgs, 0.75, noise)[0]
@@ -313,8 +339,7 @@ def test_fused_add_norm_matches_unfused_under_autocast(monkeypatch, dtype, devic
     imgs, noise = torch.randn(2, 3, 16, 24, device=device), torch.rand(2, 24, device=device)
     results = []
     for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr(layers, "_fuses", lambda x, norm: False)
+        monkeypatch.setattr(layers, "_fused_add_norm", fused)
         fast.zero_grad(set_to_none=True)
         seed.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=dtype):
@@ -404,10 +429,12 @@ def test_official_matches_reference_on_gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["default", "fused-add-norm"])
 @pytest.mark.parametrize("return_pred", [True, False])
-def test_training_step_never_syncs_the_host(return_pred):
-    """A bf16 training step (fused ops, fused add + norm, fused AdamW) queues its work without
-    one device-to-host sync, so the host runs ahead and CUDA graphs can capture it."""
+def test_training_step_never_syncs_the_host(monkeypatch, return_pred, fused):
+    """A bf16 training step (fused ops, fused AdamW, with and without the fused add + norm) queues
+    its work without one device-to-host sync, so the host runs ahead and CUDA graphs can capture it."""
+    monkeypatch.setattr(mae_fast.layers, "_fused_add_norm", fused)
     model = mae_fast.MaskedAutoencoderViT(img_size=64, patch_size=16, embed_dim=192, depth=2, num_heads=3,
                                           decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
                                           norm_pix_loss=True).cuda()
