@@ -146,6 +146,12 @@ def _selected(quick: bool):
     if only:
         cases = [c for c in cases if c.name in only]
     providers = {p for p in os.environ.get("MAE_FAST_BENCH_PROVIDERS", "").split(",") if p}
+    known = {p for api in PROVIDERS for p in PROVIDERS[api] + OPT_IN[api]}
+    if providers - known:  # a typo would silently drop a provider from a (scarce) GPU run
+        raise ValueError(f"MAE_FAST_BENCH_PROVIDERS: unknown {sorted(providers - known)}; known: {sorted(known)}")
+    names = {c.name for c in GPU_CASES + CPU_CASES + QUICK_CASES}
+    if only - names:
+        raise ValueError(f"MAE_FAST_BENCH_CASES: unknown {sorted(only - names)}; known: {sorted(names)}")
     pairs = [(c, p) for c in cases for p in PROVIDERS[c.api] + (OPT_IN[c.api] if providers else [])
              if not providers or p in providers]
     # the first case whole, CUDA graphs included (its compiled peers decide the 1.3x target, and

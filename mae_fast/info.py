@@ -51,6 +51,10 @@ def collect() -> dict:
     missing = missing_cuda_kernels()
     info["CUDA kernels"] = "all present" if not missing else \
         f"missing {', '.join(missing)}: CUDA runs their PyTorch fallbacks"
+    from mae_fast import layers
+
+    info["blocks"] = (f"attention {layers.attention_backend()} (MAE_FAST_ATTENTION), fused add + LayerNorm "
+                      f"{'on' if layers.fused_add_norm() else 'off'} (MAE_FAST_FUSED_ADD_NORM)")
     if torch.cuda.is_available():
         info["GPU"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     else:

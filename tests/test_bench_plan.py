@@ -81,3 +81,15 @@ def test_only_the_fused_provider_steps_with_the_fused_add_norm(monkeypatch):
                 p.stop()
         assert (len(calls) > 0) == (provider == "mae_fast_fused"), provider
         assert mae_fast.fused_add_norm()
+
+
+def test_unknown_provider_or_case_names_the_variable(monkeypatch):
+    import pytest
+
+    monkeypatch.setenv("MAE_FAST_BENCH_PROVIDERS", "mae_fast,mae_fast_unfused")
+    with pytest.raises(ValueError, match=r"MAE_FAST_BENCH_PROVIDERS: unknown \['mae_fast_unfused'\]"):
+        S._selected(quick=True)
+    monkeypatch.delenv("MAE_FAST_BENCH_PROVIDERS")
+    monkeypatch.setenv("MAE_FAST_BENCH_CASES", "official-vit_b16,vit_b")
+    with pytest.raises(ValueError, match=r"MAE_FAST_BENCH_CASES: unknown \['vit_b'\]"):
+        S._selected(quick=True)

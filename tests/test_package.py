@@ -57,9 +57,16 @@ def test_extension_loads_with_the_recorded_backends():
 
 
 def test_info_reports_versions_and_extension():
-    out = subprocess.run([sys.executable, "-m", "mae_fast.info"], capture_output=True, text=True, check=True).stdout
+    env = {k: v for k, v in os.environ.items() if k not in ("MAE_FAST_ATTENTION", "MAE_FAST_FUSED_ADD_NORM")}
+    out = subprocess.run([sys.executable, "-m", "mae_fast.info"], capture_output=True, text=True, check=True,
+                         env=env).stdout
     assert torch.__version__ in out
     assert "extension" in out and "Triton interpreter" in out and "GPU" in out
+    env.update(MAE_FAST_ATTENTION="triton", MAE_FAST_FUSED_ADD_NORM="1")
+    settings = subprocess.run([sys.executable, "-m", "mae_fast.info"], capture_output=True, text=True, check=True,
+                              env=env).stdout
+    assert "attention sdpa (MAE_FAST_ATTENTION), fused add + LayerNorm off" in out
+    assert "attention triton (MAE_FAST_ATTENTION), fused add + LayerNorm on" in settings
     if _ext.AVAILABLE:
         assert "loaded (backends: cpu" in out
     else:
