@@ -7,8 +7,8 @@ fallback's internals not at all -- what its kernel reads and writes). The step r
 autocast at two batch sizes; per op, the difference gives the bytes per image, scaled to --batch,
 plus a batch-independent part (weights, optimizer).
 --fused counts the residual add + LayerNorm as the fused op, as it runs on CUDA with
-set_fused_add_norm(True); --attention triton
-the blocks' attention as mae_fast.ops.attention (set_attention_backend("triton") on CUDA).
+set_fused_add_norm(True); --attention triton the blocks' attention as mae_fast.ops.attention
+(set_attention_backend("triton") on CUDA).
 
     python -m benchmarks.step_traffic --preset base --batch 256 --fused [--attention triton]
 """
@@ -86,7 +86,7 @@ def count(preset: str, batch: int, fused: bool, attention: str = "sdpa") -> dict
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def fuses(x, norm):  # as layers._fuses on CUDA with set_fused_add_norm(True) (fused), or without it (not)
+    def fuses(x, norm):  # as layers._fuses on CUDA with set_fused_add_norm(True) (fused), or not
         return fused and type(norm) is torch.nn.LayerNorm and not torch.compiler.is_compiling()
 
     counted = {}
@@ -120,7 +120,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="base", choices=sorted(PRESETS))
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--fused", action="store_true", help="count the fused add + LayerNorm op, as on CUDA with set_fused_add_norm(True)")
+    ap.add_argument("--fused", action="store_true",
+                    help="count the fused add + LayerNorm op, as on CUDA with set_fused_add_norm(True)")
     ap.add_argument("--attention", default="sdpa", choices=list(layers.ATTENTION_BACKENDS),
                     help="the blocks' attention: SDPA, or mae_fast.ops.attention as one op")
     ap.add_argument("--gbps", type=float, default=4244.0, help="bandwidth for the ms column (H200 copy, measured)")

@@ -23,7 +23,7 @@ def missing_cuda_kernels() -> list[str]:
 def collect() -> dict:
     import torch
 
-    from mae_fast import _ext
+    from mae_fast import _ext, layers
 
     info = {
         "python": platform.python_version(),
@@ -51,8 +51,6 @@ def collect() -> dict:
     missing = missing_cuda_kernels()
     info["CUDA kernels"] = "all present" if not missing else \
         f"missing {', '.join(missing)}: CUDA runs their PyTorch fallbacks"
-    from mae_fast import layers
-
     info["blocks"] = (f"attention {layers.attention_backend()} (MAE_FAST_ATTENTION), fused add + LayerNorm "
                       f"{'on' if layers.fused_add_norm() else 'off'} (MAE_FAST_FUSED_ADD_NORM)")
     if torch.cuda.is_available():

@@ -177,8 +177,8 @@ def _fuses(x: torch.Tensor, norm: nn.Module) -> bool:
     """The fused add + LayerNorm runs when set_fused_add_norm(True), where it is a Triton kernel
     (CUDA; CPU under the interpreter), and not while torch.compile traces: inductor fuses add and
     norm itself, with their neighbours. A norm with hooks is called as a module, so its hooks run."""
-    return (_fused_add_norm and type(norm) is nn.LayerNorm and norm.weight is not None and len(norm.normalized_shape) == 1
-            and not has_hooks(norm) and not torch.compiler.is_compiling()
+    return (_fused_add_norm and type(norm) is nn.LayerNorm and norm.weight is not None
+            and len(norm.normalized_shape) == 1 and not has_hooks(norm) and not torch.compiler.is_compiling()
             and triton_kernels("add_layer_norm", x) is not None)
 
 
