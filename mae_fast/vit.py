@@ -84,8 +84,8 @@ def _attend_normed(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
 def transformer_forward(transformer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Runs a vit-pytorch-shaped Transformer (ours or vit_pytorch's) with SDPA attention, so a
     vit_pytorch.ViT encoder handed to mae_fast.MAE gets the fast path while training in place.
-    Each residual add is fused with the LayerNorm after it (Attention.norm, FeedForward.net[0],
-    the final norm), as in mae_fast.layers.run_blocks."""
+    With set_fused_add_norm(True), each residual add is fused with the LayerNorm after it
+    (Attention.norm, FeedForward.net[0], the final norm), as in mae_fast.layers.run_blocks."""
     fusable = all(not has_hooks(attn) and not has_hooks(ff) and isinstance(getattr(ff, "net", None), nn.Sequential)
                   and isinstance(ff.net[0], nn.LayerNorm) for attn, ff in transformer.layers)
     if not fusable:  # hooked (FSDP, taps) or differently built sub-layers: call them as modules
