@@ -18,8 +18,8 @@
 #   1) add mae_fast_triton_attn,mae_fast_fused,mae_fast_triton_attn_fused to the providers, and
 #      MAE_FAST_BENCH_OPS=attention (the other op suites ran in session 4; all of them do not fit)
 #   2) MAE_FAST_GPU_STAGES=info,bench-step,profile,report, MAE_FAST_BENCH_PROVIDERS=mae_fast_graphed,
-#      mae_fast_triton_attn_graphed,reference_compiled, MAE_FAST_PROFILE_PROVIDERS=mae_fast_graphed,
-#      MAE_FAST_PROFILE_S=120
+#      mae_fast_triton_attn_graphed,reference_compiled, MAE_FAST_PROFILE_PROVIDERS=mae_fast,mae_fast_graphed
+#      (the eager one's host profile says where its host time goes), MAE_FAST_PROFILE_S=150
 #
 # Environment knobs (defaults in brackets):
 #   MAE_FAST_GPU_BUDGET_S [450]  wall-clock budget of the whole script; stages shrink to fit
