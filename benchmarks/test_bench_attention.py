@@ -76,6 +76,8 @@ def _fn(impl, mode, qkv, heads):
 def test_bench(benchmark, median_op_seconds, bench_record, monkeypatch, name, impl, mode):
     B, N, H, d = CASES[name]
     if impl == "mae_fast_two_pass":
+        if mode == "fwd":
+            pytest.skip("mae_fast_two_pass differs from mae_fast in the backward only")
         from mae_fast.kernels import attention
 
         monkeypatch.setattr(attention, "ONE_PASS_BWD", False)
