@@ -44,17 +44,22 @@ def poison(monkeypatch):
     monkeypatch.setattr(kp, "empty_like", _nan_empty_like)
 
 
+def take_path(name, monkeypatch):
+    """Sets up dispatch path `name` ('triton' or 'torch') for one test; returns it."""
+    if name == "triton":
+        if not INTERPRET:
+            pytest.skip("the interpreted-Triton path needs TRITON_INTERPRET=1")
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    return name
+
+
 @pytest.fixture(params=["triton", "torch"])
 def path(request, monkeypatch):
     """Both CPU dispatch paths of an op: 'triton' (its kernels under the interpreter; skipped
     without TRITON_INTERPRET=1) and 'torch' (the PyTorch fallback: the ops read the variable at
     call time)."""
-    if request.param == "triton":
-        if not INTERPRET:
-            pytest.skip("the interpreted-Triton path needs TRITON_INTERPRET=1")
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-    return request.param
+    return take_path(request.param, monkeypatch)
 
 
 def runs_without_sync(fn, n=3):

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _triton_ops import INTERPRET, OpLog, _nan_empty, runs_without_sync
+from _triton_ops import INTERPRET, OpLog, _nan_empty, runs_without_sync, take_path
 
 import mae_fast
 from mae_fast import layers
@@ -37,14 +37,10 @@ SHAPES = [(1, 1, 1, 1), (2, 5, 2, 8), (1, 70, 2, 16), (2, 17, 1, 24), (1, 50, 2,
 @pytest.fixture(params=["triton", "triton-two-kernel-bwd", "torch"])
 def path(request, monkeypatch):
     """_triton_ops' dispatch paths, the triton one also with the two-kernel backward everywhere."""
-    if request.param.startswith("triton"):
-        if not INTERPRET:
-            pytest.skip("the interpreted-Triton path needs TRITON_INTERPRET=1")
-        if request.param == "triton-two-kernel-bwd":
-            monkeypatch.setattr(kat, "ONE_PASS_BWD", False)
-        return "triton"
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    return "torch"
+    name = take_path(request.param.removesuffix("-two-kernel-bwd"), monkeypatch)
+    if request.param == "triton-two-kernel-bwd":
+        monkeypatch.setattr(kat, "ONE_PASS_BWD", False)
+    return name
 
 
 @pytest.fixture(autouse=True)
