@@ -121,9 +121,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_bwd_cuda(const at::Tens
   }
   const int64_t V = 16 / grad.element_size();
   const bool vec = D % V == 0 && aligned16(grad.const_data_ptr()) && aligned16(gvis.const_data_ptr());
-  // Split the batch so that about 64K threads each sum >= 16 rows (fewer when B is small); the
-  // split depends on the shapes only, so the summation order is the same on every run and GPU.
-  const int64_t items = S * (vec ? D / V : D);
+  // Split the batch so that about 64K threads each sum >= 16 rows (fewer when B is small). The
+  // split depends on the shapes and dtype only, not on `vec` (the pointers' alignment), so the
+  // summation order is the same on every run and GPU, for any storage offset.
+  const int64_t items = S * ((D + V - 1) / V);
   int64_t nsplit = std::max<int64_t>(1, std::min<int64_t>((int64_t(1) << 16) / std::max<int64_t>(items, 1), B / 16));
   const int64_t bsplit = (B + nsplit - 1) / nsplit;
   nsplit = (B + bsplit - 1) / bsplit;

@@ -147,9 +147,10 @@ MAE_HD void invert_item(const void* __restrict__ ids, int32_t* __restrict__ inv,
   int64_t b, k;
   divmod(i, K, b, k);
   const int64_t id = load_index<I>(ids, i);
-  MAE_DEVICE_CHECK(id >= 0 && id < N, "mae_fast.unshuffle_tokens: ids_keep out of range [0, num_patches)");
+  // inv is built for unshuffle_tokens (from ids_keep) and for gather_tokens' backward (from ids)
+  MAE_DEVICE_CHECK(id >= 0 && id < N, "mae_fast: unshuffle_tokens' ids_keep or gather_tokens' ids out of range [0, L)");
   const int32_t old = claim_slot(inv + b * N + id, static_cast<int32_t>(k));
-  MAE_DEVICE_CHECK(old == -1, "mae_fast.unshuffle_tokens: duplicate index in a row of ids_keep");
+  MAE_DEVICE_CHECK(old == -1, "mae_fast: duplicate index in a row of unshuffle_tokens' ids_keep or gather_tokens' ids");
 }
 
 // ----------------------------------------------------------------------------- unshuffle forward
@@ -180,7 +181,7 @@ MAE_HD void unshuffle_fwd_item(const UnshuffleFwdArgs<T, Aux>& a, int64_t i) {
     add_loaded<VEC>(a.visible + (b * (a.P + a.K) + j) * a.D + col, acc);
   } else {
     const int64_t k = a.inv[b * a.N + (j - a.P)];
-    MAE_DEVICE_CHECK(k < a.K, "mae_fast.tokens_unshuffle: inv value >= number of visible rows");
+    MAE_DEVICE_CHECK(k >= -1 && k < a.K, "mae_fast.tokens_unshuffle: inv value outside [-1, number of visible rows)");
     if (k >= 0) {
       add_loaded<VEC>(a.visible + (b * (a.P + a.K) + a.P + k) * a.D + col, acc);
     } else if (a.mask != nullptr) {
@@ -235,7 +236,7 @@ MAE_HD void unshuffle_bwd_item(const UnshuffleBwdArgs<T>& a, int64_t i) {
       dst = b * (a.P + a.K) + j;
     } else {
       const int64_t k = a.inv[b * a.N + (j - a.P)];
-      MAE_DEVICE_CHECK(k < a.K, "mae_fast.tokens_unshuffle_bwd: inv value >= num_keep");
+      MAE_DEVICE_CHECK(k >= -1 && k < a.K, "mae_fast.tokens_unshuffle_bwd: inv value outside [-1, num_keep)");
       if (k >= 0) {
         dst = b * (a.P + a.K) + a.P + k;
       } else if (a.need_mask) {

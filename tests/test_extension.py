@@ -123,12 +123,21 @@ def test_emulated_cuda_index_checks(emu):
     assert emu.emu_gather(16, 1, P_(x), P_(oob), P_(out), *I_(B, L, K, 32)) == 1
     assert b"ids out of range" in emu.emu_last_error()
     assert emu.emu_invert(1, P_(oob), P_(inv), *I_(B, K, L)) == 1
-    assert b"ids_keep out of range" in emu.emu_last_error()
+    assert b"ids_keep or gather_tokens' ids out of range" in emu.emu_last_error()
     assert emu.emu_invert(1, P_(dup), P_(inv), *I_(B, K, L)) == 1
     assert b"duplicate" in emu.emu_last_error()
     neg = ids.int()
     neg[0, 0] = -1
     assert emu.emu_invert(0, P_(neg), P_(inv), *I_(B, K, L)) == 1
+    # an inv that tokens_invert cannot have made: a slot below -1 is an error, not a mask row
+    inv = torch.ops.mae_fast.tokens_invert(ids, L)
+    inv[1, 0] = -2
+    vis, g = torch.randn(B, K, 8), torch.randn(B, L, 8)
+    out, gvis = torch.empty(B, L, 8), torch.empty(B, K, 8)
+    assert emu.emu_unshuffle_fwd(0, 1, 0, P_(vis), P_(inv), P_(None), P_(None), P_(out), *I_(B, 0, K, L, 8)) == 1
+    assert b"inv value outside [-1," in emu.emu_last_error()
+    assert emu.emu_unshuffle_bwd(0, 0, P_(g), P_(inv), P_(gvis), P_(None), P_(None), *I_(B, 0, K, L, 8, B, 1), 0, 0) == 1
+    assert b"inv value outside [-1," in emu.emu_last_error()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])

@@ -202,6 +202,10 @@ def test_gradcheck_float64():
     pos = torch.randn(P + L, D, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v, m, p: ops.unshuffle_tokens(v, ids, L, m, p, num_prefix=P), (vis, m, pos))
     assert torch.autograd.gradcheck(lambda v, m: ops.unshuffle_tokens(v, ids, L, m, num_prefix=P), (vis, m))
+    # the second derivative runs through tokens_unshuffle_bwd's own autograd (its adjoint)
+    assert torch.autograd.gradgradcheck(lambda v, m, p: ops.unshuffle_tokens(v, ids, L, m, p, num_prefix=P),
+                                        (vis, m, pos))
+    assert torch.autograd.gradgradcheck(lambda v, m: ops.unshuffle_tokens(v, ids, L, m, num_prefix=P), (vis, m))
 
 
 def _sample_args():

@@ -25,7 +25,8 @@ Indices must be in range and unique per row (they are a prefix of a permutation 
 kernels always check and raise IndexError / ValueError naming the argument; CUDA kernels check in
 the kernel (a device-side assert: loud, but it poisons the CUDA context), and validate=True checks
 on the host first (one synchronisation). On CUDA, gather_tokens' forward checks the range only; a
-duplicate is caught by its backward.
+duplicate is caught by its backward. The PyTorch fallback below checks CUDA indices only with
+validate=True (the checks would synchronise): without it, a duplicate loses a row silently.
 
 Without the compiled extension (MAE_FAST_BUILD_EXT=none, a failed build, a CPU-only build for
 CUDA tensors) the same low-level ops run a vectorised PyTorch fallback registered below; `python -m
@@ -193,8 +194,26 @@ def _unshuffle_backward(ctx, grad):
             gpos.to(ctx.pos_dtype) if need_pos else None, None)
 
 
+def _unshuffle_bwd_setup(ctx, inputs, output):
+    _, inv, num_prefix, _, need_mask, need_pos = inputs
+    ctx.save_for_backward(inv)
+    ctx.num_prefix, ctx.need_mask, ctx.need_pos = num_prefix, need_mask, need_pos
+
+
+def _unshuffle_bwd_backward(ctx, g_vis, g_mask, g_pos):
+    """Double backward. tokens_unshuffle_bwd is linear in grad_out, and its adjoint is the
+    unshuffle of the incoming gradients: visible rows back to their slots, g_mask on the removed
+    ones, g_pos on every row."""
+    (inv,) = ctx.saved_tensors
+    grad = torch.ops.mae_fast.tokens_unshuffle(g_vis, inv, g_mask if ctx.need_mask else None,
+                                               g_pos if ctx.need_pos else None, ctx.num_prefix)
+    return grad, None, None, None, None, None
+
+
 torch.library.register_autograd("mae_fast::tokens_gather", _gather_backward, setup_context=_gather_setup)
 torch.library.register_autograd("mae_fast::tokens_unshuffle", _unshuffle_backward, setup_context=_unshuffle_setup)
+torch.library.register_autograd("mae_fast::tokens_unshuffle_bwd", _unshuffle_bwd_backward,
+                                setup_context=_unshuffle_bwd_setup)
 
 
 # ----------------------------------------------------------------------------- public functions
