@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .patchify import NORM_PIX_EPS, _block_config, _patch_offsets
+from .patchify import NORM_PIX_EPS, _batch_and_row_block, _block_config, _patch_offsets
 
 # Allocator of every buffer the kernels write (a module attribute so tests can NaN-poison it).
 empty = torch.empty
@@ -74,10 +74,9 @@ def _masked_mse_loss_fwd_kernel(
     HAS_MASK: tl.constexpr, NORM: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Grid (B, cdiv(R, BLOCK_R)): part[b * n_r + r] = sum over its rows of w * sum_f diff^2
+    """Grid (B * n_r,), n_r = cdiv(R, BLOCK_R): part[b * n_r + r] = sum over its rows of w * sum_f diff^2
     (and wpart = sum of w with HAS_MASK)."""
-    pid_r = tl.program_id(1)
-    b = tl.program_id(0).to(tl.int64)  # the batch on the first axis: a second one stops at 65,535
+    b, pid_r = _batch_and_row_block(R, BLOCK_R)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     diff, w, row_ok, bad = _load_rows(
         pred_ptr, img_ptr, w_ptr, ids_ptr, b, rows, R, L, GW, P,
@@ -85,7 +84,7 @@ def _masked_mse_loss_fwd_kernel(
         C, PH, PW, HAS_MASK, NORM, BLOCK_P)
     se = tl.sum(diff * diff, axis=1)
     se = tl.where(bad, float("nan"), se)
-    slot = b * tl.num_programs(1) + pid_r
+    slot = tl.program_id(0)  # = b * n_r + pid_r
     tl.store(part_ptr + slot, tl.sum(w * se, axis=0))
     if HAS_MASK:
         tl.store(wpart_ptr + slot, tl.sum(w, axis=0))
@@ -126,9 +125,8 @@ def _masked_mse_loss_bwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """gpred[b, r, :] = 2 * gloss / denom * w_r * (pred - target); every element written
-    (zeros for weight-0 rows). gpred is contiguous (B, R, P). Grid (B, cdiv(R, BLOCK_R))."""
-    pid_r = tl.program_id(1)
-    b = tl.program_id(0).to(tl.int64)  # the batch on the first axis: a second one stops at 65,535
+    (zeros for weight-0 rows). gpred is contiguous (B, R, P). Grid (B * cdiv(R, BLOCK_R),)."""
+    b, pid_r = _batch_and_row_block(R, BLOCK_R)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     diff, w, row_ok, bad = _load_rows(
         pred_ptr, img_ptr, w_ptr, ids_ptr, b, rows, R, L, GW, P,
@@ -167,7 +165,7 @@ def masked_mse_loss_fwd(pred, imgs, mask, ids, ph, pw, norm_pix=False, out_dtype
     part = empty(n, device=pred.device, dtype=torch.float32)
     wpart = empty(n, device=pred.device, dtype=torch.float32) if mask is not None else part
     if n:  # (an empty batch leaves no partials: the loss is 0 / 0 = nan, as in the reference)
-        _masked_mse_loss_fwd_kernel[(a["B"], n_r)](
+        _masked_mse_loss_fwd_kernel[(n,)](
             pred, imgs, a["w"], a["ids"], part, wpart, a["R"], a["L"], a["gw"], a["P"],
             *pred.stride(), *imgs.stride(), *a["s_w"], *a["s_d"], NORM_PIX_EPS,
             C=a["C"], PH=ph, PW=pw, HAS_MASK=mask is not None, NORM=bool(norm_pix),
@@ -187,7 +185,7 @@ def masked_mse_loss_bwd(grad_loss, denom, pred, imgs, mask, ids, ph, pw, norm_pi
     if gpred.numel() == 0:
         return gpred
     n_r = triton.cdiv(a["R"], a["block_r"])
-    _masked_mse_loss_bwd_kernel[(a["B"], n_r)](
+    _masked_mse_loss_bwd_kernel[(a["B"] * n_r,)](
         grad_loss, denom, pred, imgs, a["w"], a["ids"], gpred, a["R"], a["L"], a["gw"], a["P"],
         *pred.stride(), *imgs.stride(), *a["s_w"], *a["s_d"], NORM_PIX_EPS,
         C=a["C"], PH=ph, PW=pw, HAS_MASK=mask is not None, NORM=bool(norm_pix),

@@ -49,6 +49,16 @@ def _patch_offsets(f, C: tl.constexpr, PW: tl.constexpr, s_c, s_h, s_w):
 
 
 @triton.jit
+def _batch_and_row_block(n_rows, BLOCK_R: tl.constexpr):
+    """(b, r) of a flat grid of B * cdiv(n_rows, BLOCK_R) programs. One axis: CUDA caps the second
+    and third at 65,535 programs, which the batch (B > 65,535) or the row blocks of large images
+    (4096 x 4096 px at 16 px patches: 65,536 rows) would pass."""
+    pid = tl.program_id(0)
+    n_r = tl.cdiv(n_rows, BLOCK_R)
+    return (pid // n_r).to(tl.int64), pid % n_r
+
+
+@triton.jit
 def _patchify_gather_fwd_kernel(
     img_ptr, ids_ptr, out_ptr,
     K, L, GW, P,
@@ -61,9 +71,8 @@ def _patchify_gather_fwd_kernel(
 ):
     """out[b, k, :] = patch ids[b, k] (or k without ids) of img[b], optionally norm-pixed.
 
-    Grid (B, cdiv(K, BLOCK_R)); out is contiguous (B, K, P)."""
-    pid_r = tl.program_id(1)
-    b = tl.program_id(0).to(tl.int64)  # the batch on the first axis: a second one stops at 65,535
+    Grid (B * cdiv(K, BLOCK_R),); out is contiguous (B, K, P)."""
+    b, pid_r = _batch_and_row_block(K, BLOCK_R)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < K
     if HAS_IDS:
@@ -108,9 +117,8 @@ def _patchify_gather_bwd_kernel(
     patch l is k = inv[b, l] (HAS_INV; -1 = no row, the patch gets zeros) or k = l. With NORM
     the row is the gradient w.r.t. the norm-pixed patch: the patch is re-read from img and the
     gradient taken back through (x - mean) / sqrt(var + eps), var unbiased.
-    Grid (B, cdiv(L, BLOCK_R)). Also unpatchify (HAS_INV = NORM = False)."""
-    pid_r = tl.program_id(1)
-    b = tl.program_id(0).to(tl.int64)  # the batch on the first axis: a second one stops at 65,535
+    Grid (B * cdiv(L, BLOCK_R),). Also unpatchify (HAS_INV = NORM = False)."""
+    b, pid_r = _batch_and_row_block(L, BLOCK_R)
     pidx = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = pidx < L
     if HAS_INV:
@@ -159,7 +167,7 @@ def patchify_gather_fwd(imgs, ids, ph, pw, norm_pix=False, out=None):
         return out
     block_r, block_p, num_warps = _block_config(P, K)
     ids_arg, s_db, s_dk = (imgs, 0, 0) if ids is None else (ids, ids.stride(0), ids.stride(1))
-    grid = (B, triton.cdiv(K, block_r))
+    grid = (B * triton.cdiv(K, block_r),)
     _patchify_gather_fwd_kernel[grid](
         imgs, ids_arg, out, K, L, gw, P, *imgs.stride(), s_db, s_dk, NORM_PIX_EPS,
         C=C, PH=ph, PW=pw, HAS_IDS=ids is not None, NORM=bool(norm_pix),
@@ -182,7 +190,7 @@ def patchify_gather_bwd(grad, imgs, inv, ph, pw, norm_pix=False, out=None, image
     block_r, block_p, num_warps = _block_config(P, L)
     img = imgs if (norm_pix and imgs is not None) else out
     inv_arg, s_vb, s_vl = (out, 0, 0) if inv is None else (inv, inv.stride(0), inv.stride(1))
-    grid = (B, triton.cdiv(L, block_r))
+    grid = (B * triton.cdiv(L, block_r),)
     _patchify_gather_bwd_kernel[grid](
         grad, img, inv_arg, out, K, L, gw, P, *grad.stride(), *img.stride(), *out.stride(),
         s_vb, s_vl, NORM_PIX_EPS,

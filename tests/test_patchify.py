@@ -332,6 +332,45 @@ def test_gpu_vit_b16_patchify_gather(dtype, norm_pix):
     assert torch.equal(mae_fast.ops.unpatchify(p, patch, (H, W)), imgs.detach())
 
 
+@pytest.mark.skipif(not INTERPRET, reason="the kernel modules import only with Triton (TRITON_INTERPRET=1 on CPU)")
+def test_launch_grids_fit_cuda_limits(monkeypatch):
+    """The grids of patchify, unpatchify and the loss stay within CUDA's limits (axis 0 < 2**31,
+    axes 1 and 2 <= 65,535) at 4096 x 4096 px in 2 px patches: 4M patch rows, 65,536 row blocks.
+    The kernels are recorded, not run (the interpreter knows no grid limit)."""
+    kp = importlib.import_module("mae_fast.kernels.patchify")
+    kl = importlib.import_module("mae_fast.kernels.masked_mse_loss")
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return lambda *args, **kwargs: None
+
+    for mod in (kp, kl):
+        for name in [n for n in vars(mod) if n.endswith("_kernel")]:
+            monkeypatch.setattr(mod, name, Recorder())
+    imgs = torch.zeros(1, 1, 4096, 4096)
+    x = kp.patchify_fwd(imgs, 2, 2)
+    kp.unpatchify_fwd(x, 2, 2, 4096, 4096)
+    mask = torch.ones(1, x.shape[1])
+    kl.masked_mse_loss_fwd(x, imgs, mask, None, 2, 2)
+    kl.masked_mse_loss_bwd(torch.ones(()), torch.ones(()), x, imgs, mask, None, 2, 2)
+    assert len(grids) == 5 and max(g[0] for g in grids) > 65_535
+    assert all(g[0] < 2**31 and all(d <= 65_535 for d in g[1:]) for g in grids), grids
+
+
+@pytest.mark.gpu
+def test_gpu_rows_past_a_grid_dimension():
+    """4096 x 4096 px in 2 px patches: 65,536 blocks of patch rows, past a CUDA grid's second axis."""
+    imgs = make_imgs(1, 1, 4096, 4096, device="cuda")
+    p = mae_fast.ops.patchify(imgs, 2)
+    assert torch.equal(p, R.patchify(imgs, 2))
+    assert torch.equal(mae_fast.ops.unpatchify(p, 2, (4096, 4096)), imgs)
+    mask = torch.ones(1, p.shape[1], device="cuda")
+    loss = mae_fast.ops.masked_mse_loss((p + 1).requires_grad_(), imgs, 2, mask=mask)  # every element off by 1
+    torch.testing.assert_close(loss, torch.ones((), device="cuda"))
+
+
 @pytest.mark.gpu
 def test_gpu_batch_past_a_grid_dimension():
     """B = 70,000 > 65,535 (the limit of a CUDA grid's second dimension): every image is gathered."""
