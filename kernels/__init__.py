@@ -1,3 +1,20 @@
 """Triton kernels (installed as mae_fast.kernels): @triton.jit kernels and their launchers only.
 
 Tensors in, tensors out; validation, autograd and dispatch live in mae_fast/ops/."""
+import functools
+
+import torch
+
+
+def on_tensor_device(launcher):
+    """Runs a launcher on the device of its first tensor argument. Triton launches on the current
+    CUDA device and its stream, which need not be the tensors' (a model on cuda:1 with cuda:0
+    current); torch's own ops switch devices the same way."""
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        t = next(a for a in args if isinstance(a, torch.Tensor))
+        if t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return launcher(*args, **kwargs)
+        return launcher(*args, **kwargs)
+    return run

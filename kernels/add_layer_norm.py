@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_tensor_device
+
 # Allocator of every buffer the kernels write (a module attribute so tests can NaN-poison it).
 empty = torch.empty
 
@@ -122,6 +124,7 @@ def _bwd_programs(device, n_blocks):
     return min(n_blocks, 4)
 
 
+@on_tensor_device
 def add_layer_norm_fwd(x, delta, weight, bias, eps, res_dtype, out_dtype):
     """x, delta (rows, D) with unit column stride; weight, bias (D,) (bias may be None).
     Returns contiguous (residual (rows, D) res_dtype, normed (rows, D) out_dtype,
@@ -142,6 +145,7 @@ def add_layer_norm_fwd(x, delta, weight, bias, eps, res_dtype, out_dtype):
     return res, out, mean, rstd
 
 
+@on_tensor_device
 def add_layer_norm_bwd(grad_res, grad_normed, residual, weight, has_bias, mean, rstd, x_dtype, delta_dtype):
     """grad_res (rows, D) or None, grad_normed (rows, D), both with unit column stride; residual
     contiguous (rows, D); mean, rstd (rows,) fp32. Returns (grad_x (rows, D) x_dtype,

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_tensor_device
+
 # Allocator of every buffer the kernels write (a module attribute so tests can NaN-poison it).
 empty = torch.empty
 
@@ -192,6 +194,7 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
 
 
+@on_tensor_device
 def attention_fwd(qkv, heads):
     """qkv (B, N, 3 * heads * d) with unit last stride. Returns (out (B, N, heads * d) contiguous in
     qkv's dtype, lse (B * heads, N) fp32)."""
@@ -209,6 +212,7 @@ def attention_fwd(qkv, heads):
     return out, lse
 
 
+@on_tensor_device
 def attention_bwd(grad_out, qkv, out, lse, heads):
     """grad_out (B, N, heads * d) with unit last stride; qkv, out, lse as attention_fwd gave them.
     Returns the gradient of qkv, (B, N, 3 * heads * d) contiguous in qkv's dtype."""

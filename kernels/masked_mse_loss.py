@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_tensor_device
 from .patchify import NORM_PIX_EPS, _batch_and_row_block, _block_config, _patch_offsets
 
 # Allocator of every buffer the kernels write (a module attribute so tests can NaN-poison it).
@@ -156,6 +157,7 @@ def _launch_args(pred, imgs, mask, ids, ph, pw):
                 block_r=block_r, block_p=block_p, num_warps=num_warps)
 
 
+@on_tensor_device
 def masked_mse_loss_fwd(pred, imgs, mask, ids, ph, pw, norm_pix=False, out_dtype=None):
     """Returns (loss 0-dim in out_dtype (default pred.dtype), denom 0-dim fp32).
     Exactly one of mask (B, L) / ids (B, M) is given."""
@@ -178,6 +180,7 @@ def masked_mse_loss_fwd(pred, imgs, mask, ids, ph, pw, norm_pix=False, out_dtype
     return loss, denom
 
 
+@on_tensor_device
 def masked_mse_loss_bwd(grad_loss, denom, pred, imgs, mask, ids, ph, pw, norm_pix=False):
     """Gradient w.r.t. pred, contiguous (B, R, P) in pred.dtype; one pass, targets recomputed."""
     a = _launch_args(pred, imgs, mask, ids, ph, pw)

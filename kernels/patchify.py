@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_tensor_device
+
 NORM_PIX_EPS = 1e-6
 
 # Output allocators, module attributes so that tests can poison them (NaN-fill) and catch any
@@ -156,6 +158,7 @@ def _grid_dims(imgs, ph, pw):
     return B, C, H // ph, W // pw
 
 
+@on_tensor_device
 def patchify_gather_fwd(imgs, ids, ph, pw, norm_pix=False, out=None):
     """(B, C, H, W) [+ ids (B, K)] -> (B, K, ph*pw*C) (all L patches when ids is None)."""
     B, C, gh, gw = _grid_dims(imgs, ph, pw)
@@ -175,6 +178,7 @@ def patchify_gather_fwd(imgs, ids, ph, pw, norm_pix=False, out=None):
     return out
 
 
+@on_tensor_device
 def patchify_gather_bwd(grad, imgs, inv, ph, pw, norm_pix=False, out=None, image_shape=None):
     """Rows -> image layout. grad (B, K, P); inv (B, L) int (row of each patch, -1 = none) or None
     for k = l; imgs is read only with norm_pix (and gives the output's shape and strides).
@@ -199,11 +203,13 @@ def patchify_gather_bwd(grad, imgs, inv, ph, pw, norm_pix=False, out=None, image
     return out
 
 
+@on_tensor_device
 def patchify_fwd(imgs, ph, pw):
     """(B, C, H, W) -> (B, L, ph*pw*C)."""
     return patchify_gather_fwd(imgs, None, ph, pw)
 
 
+@on_tensor_device
 def unpatchify_fwd(x, ph, pw, H, W, out=None):
     """(B, L, ph*pw*C) -> (B, C, H, W), contiguous unless out is given."""
     if out is None:

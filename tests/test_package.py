@@ -1,10 +1,11 @@
-"""Packaging: lean import, the extension and its report, the installed layout."""
+"""Packaging: lean import, the extension and its report, the installed layout, the kernels' launch plumbing."""
 import os
 import shutil
 import subprocess
 import sys
 import zipfile
 
+import pytest
 import torch
 
 import mae_fast
@@ -89,3 +90,48 @@ def test_wheel_installs_kernels_as_subpackage_only(tmp_path):
 
 def test_version():
     assert mae_fast.__version__.count(".") == 2
+
+
+def test_every_launcher_runs_on_its_tensors_device():
+    """Each public launcher of mae_fast.kernels is wrapped in on_tensor_device: Triton launches on
+    the current CUDA device, not the tensors'."""
+    pytest.importorskip("triton")
+    import importlib
+    import inspect
+    import pkgutil
+
+    import mae_fast.kernels as K
+
+    launchers = []
+    for m in pkgutil.iter_modules(K.__path__):
+        mod = importlib.import_module(f"mae_fast.kernels.{m.name}")
+        launchers += [(mod.__name__, name, fn) for name, fn in vars(mod).items()
+                      if inspect.isfunction(fn) and not name.startswith("_") and fn.__module__ == mod.__name__]
+    assert len(launchers) >= 10
+    unwrapped = [f"{mod}.{name}" for mod, name, fn in launchers if getattr(fn, "__wrapped__", None) is None]
+    assert not unwrapped, f"launchers without on_tensor_device: {unwrapped}"
+
+
+@pytest.mark.gpu
+def test_gpu_ops_run_on_their_tensors_device():
+    """Every kernel path on cuda:1 while cuda:0 is current gives what it gives on cuda:0."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    torch.manual_seed(0)
+    imgs = torch.randn(2, 3, 32, 32)
+    ids = torch.rand(2, 64).argsort(1)
+    qkv, x, d = torch.randn(2, 17, 3 * 64), torch.randn(2, 17, 64), torch.randn(2, 17, 64)
+    w, b = torch.randn(64), torch.randn(64)
+
+    def run(dev):
+        t = [v.to(dev).requires_grad_(v.is_floating_point()) for v in (imgs, qkv, x, d)]
+        out = [mae_fast.ops.patchify_gather(t[0], ids[:, :16].to(dev), 4, norm_pix=True),
+               mae_fast.ops.masked_mse_loss(torch.randn(2, 48, 48, device=dev), t[0], 4, ids=ids[:, 16:].to(dev)),
+               mae_fast.ops.attention(t[1], 4), *mae_fast.ops.add_layer_norm(t[2], t[3], w.to(dev), b.to(dev), 1e-6)]
+        sum(o.float().sum() for o in out).backward()
+        torch.cuda.synchronize(dev)
+        return [o.detach().cpu() for o in out] + [v.grad.cpu() for v in t]
+
+    torch.cuda.set_device(0)
+    for a, b_ in zip(run("cuda:0"), run("cuda:1")):
+        torch.testing.assert_close(a, b_)
