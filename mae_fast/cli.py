@@ -23,7 +23,7 @@ OFFICIAL_NAMES = {"mae_vit_base_patch16": "base", "mae_vit_large_patch16": "larg
 def model_from_checkpoint(path: str):
     """Rebuilds the model a training checkpoint was made with and loads its weights. A run
     directory means its newest checkpoint."""
-    from .checkpoint import load_checkpoint, read_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
     from .presets import build_model
     from .pretrain import checkpoints_in
 
@@ -32,7 +32,10 @@ def model_from_checkpoint(path: str):
         if not found:
             raise SystemExit(f"no checkpoint-*.pth in {path}")
         path = found[-1]
-    ckpt = read_checkpoint(path)
+    try:
+        ckpt = read_checkpoint(path)
+    except (OSError, CheckpointError) as e:
+        raise SystemExit(f"checkpoint: {e}") from e
     args = ckpt.get("args") or {}
     args = args if isinstance(args, dict) else vars(args)
     preset = OFFICIAL_NAMES.get(args.get("model"), args.get("model"))
@@ -44,7 +47,7 @@ def model_from_checkpoint(path: str):
     report = load_checkpoint(model, ckpt, strict=False)
     if report.missing_keys and any(not k.startswith(("decoder", "mask_token")) for k in report.missing_keys):
         raise SystemExit(f"{path}: encoder weights missing: {report.missing_keys[:5]}")
-    return model, preset, args
+    return model, preset, args, path
 
 
 def cmd_probe(argv):
@@ -55,7 +58,7 @@ def cmd_probe(argv):
     from .presets import build_model
     from .probe import probe_accuracy
 
-    model, preset, args = model_from_checkpoint(a.checkpoint)
+    model, preset, _, _ = model_from_checkpoint(a.checkpoint)
     torch.manual_seed(a.seed)
     random_model = build_model(preset, model.img_size[0], norm_pix_loss=model.norm_pix_loss)
     acc, base = probe_accuracy(model, a.seed), probe_accuracy(random_model, a.seed)
@@ -73,18 +76,24 @@ def cmd_visualize(argv):
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if not 0 < a.mask_ratio < 1:
+        p.error(f"--mask-ratio must be in (0, 1), got {a.mask_ratio}")
+    missing = [path for path in a.images if not os.path.isfile(path)]
+    if missing:
+        p.error(f"image not found: {missing[0]}")
     import torch.nn.functional as F
 
     from . import data as mdata
     from .visualize import reconstruction_grid
 
-    model, _, _ = model_from_checkpoint(a.checkpoint)
+    model, _, _, _ = model_from_checkpoint(a.checkpoint)
     size = model.img_size[0]
     batch = []
     for path in a.images:
-        if not os.path.isfile(path):
-            raise SystemExit(f"image not found: {path}")
-        img = mdata.load_image(path)
+        try:
+            img = mdata.load_image(path)
+        except Exception as e:  # noqa: BLE001 -- PIL raises many types for broken files
+            raise SystemExit(f"cannot read image {path}: {e}") from e
         side = min(img.shape[1:])  # centre square crop, then resize
         top, left = (img.shape[1] - side) // 2, (img.shape[2] - side) // 2
         img = img[:, top:top + side, left:left + side].unsqueeze(0)
@@ -103,9 +112,9 @@ def cmd_export(argv):
     from .checkpoint import save_checkpoint
     from .export import encoder_state_dict
 
-    model, _, _ = model_from_checkpoint(a.checkpoint)
+    model, _, _, path = model_from_checkpoint(a.checkpoint)
     sd = encoder_state_dict(model, a.to)
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.checkpoint)), f"encoder-{a.to}.pth")
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(path)), f"encoder-{a.to}.pth")  # in a run folder
     save_checkpoint(out, sd)
     print(f"{a.to} encoder state dict ({len(sd)} tensors): {out}")
     return out

@@ -58,26 +58,6 @@ def image_folder(root: str) -> list[str]:
     return files
 
 
-def load_images(files: list[str], min_size: int) -> list[torch.Tensor]:
-    """Loads what it can: unreadable files and images smaller than the crop are skipped with one
-    warning that counts them."""
-    images, unreadable, small = [], [], []
-    for path in files:
-        try:
-            img = load_image(path)
-        except Exception:  # noqa: BLE001 -- PIL raises many types for broken files
-            unreadable.append(path)
-            continue
-        (small if min(img.shape[1:]) < min_size else images).append(img)
-    if unreadable:
-        warnings.warn(f"skipped {len(unreadable)} unreadable image file(s), e.g. {unreadable[0]}")
-    if small:
-        warnings.warn(f"skipped {len(small)} image(s) smaller than the {min_size}px crop, e.g. {small[0]}")
-    if not images:
-        raise ValueError(f"no usable images: {len(unreadable)} unreadable, {len(small)} smaller than {min_size}px")
-    return images
-
-
 def random_resized_crop(img: torch.Tensor, size: int, gen: torch.Generator, scale=(0.2, 1.0),
                         ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
     """torchvision's RandomResizedCrop sampling (10 tries, then a centre crop), bicubic resize."""
@@ -101,11 +81,17 @@ def random_resized_crop(img: torch.Tensor, size: int, gen: torch.Generator, scal
 
 
 class CropDataset(torch.utils.data.Dataset):
-    """A fixed number of augmented crops per epoch from a list of images. Item i of epoch e is a
-    pure function of (seed, e, i), so a resumed run sees exactly the crops it would have seen."""
+    """A fixed number of augmented crops per epoch from a list of images: decoded (3, H, W) tensors,
+    or file paths, decoded when a crop needs them (in the DataLoader's workers), so that a folder
+    of any size trains without being held in memory. Item i of epoch e crops image i % len(images)
+    (each image once an epoch when the length is the number of images; the run's order shuffles)
+    and is a pure function of (seed, e, i), so a resumed run sees exactly the crops it would have
+    seen. Images smaller than the crop are scaled up, as torchvision's RandomResizedCrop does; an
+    unreadable file is skipped (one warning) for the next readable one."""
 
-    def __init__(self, images: list[torch.Tensor], size: int, length: int, seed: int = 0):
+    def __init__(self, images: list, size: int, length: int, seed: int = 0):
         self.images, self.size, self.length, self.seed, self.epoch = images, size, length, seed, 0
+        self.unreadable: set[str] = set()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -113,10 +99,24 @@ class CropDataset(torch.utils.data.Dataset):
     def __len__(self):
         return self.length
 
+    def image(self, index: int) -> torch.Tensor:
+        n = len(self.images)
+        for k in range(n):
+            item = self.images[(index + k) % n]
+            if isinstance(item, torch.Tensor):
+                return item
+            if item in self.unreadable:
+                continue
+            try:
+                return load_image(item)
+            except Exception as e:  # noqa: BLE001 -- PIL raises many types for broken files
+                self.unreadable.add(item)
+                warnings.warn(f"skipped unreadable image file {item}: {e}")
+        raise ValueError(f"none of the {n} image files can be read")
+
     def __getitem__(self, index):
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-        img = self.images[int(torch.randint(0, len(self.images), (1,), generator=gen))]
-        crop = random_resized_crop(img, self.size, gen)
+        crop = random_resized_crop(self.image(index), self.size, gen)
         if torch.rand(1, generator=gen).item() < 0.5:
             crop = crop.flip(-1)
         return normalize(crop)

@@ -53,13 +53,19 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--output-dir", default="runs/mae-demo")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest in --output-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output-dir that holds an earlier run: deletes its checkpoints and metrics")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
     p.add_argument("--vis-every", type=int, default=4, help="epochs between reconstruction pictures")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (for tests)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps, at the end of an --accum-iter window (for tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.data is not None and not os.path.isdir(args.data):
+        p.error(f"--data {args.data!r} is not a directory")
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        raise SystemExit(f"--resume: checkpoint not found: {args.resume!r} (or pass 'auto' for the newest in --output-dir)")
     for name in ("epochs", "batch_size", "accum_iter", "keep_last", "vis_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -174,12 +180,15 @@ def remove_interrupted_saves(run_dir: str) -> list[str]:
     return stale
 
 
+def step_of(checkpoint: str) -> int:
+    return int(CHECKPOINT_NAME.fullmatch(os.path.basename(checkpoint)).group(1))
+
+
 def checkpoints_in(run_dir: str) -> list[str]:
     """The run's checkpoint-<step>.pth files, oldest first. Other files (a user's checkpoint-best.pth,
     the hidden temp files of an interrupted save) are never picked."""
     names = [f for f in os.listdir(run_dir) if CHECKPOINT_NAME.fullmatch(f)] if os.path.isdir(run_dir) else []
-    return sorted((os.path.join(run_dir, f) for f in names), key=lambda f: int(CHECKPOINT_NAME.fullmatch(
-        os.path.basename(f)).group(1)))
+    return sorted((os.path.join(run_dir, f) for f in names), key=step_of)
 
 
 def build_dataset(args, model, world):
@@ -188,7 +197,10 @@ def build_dataset(args, model, world):
         images = mdata.sample_photos()
         length = args.samples_per_epoch or 2048
     else:
-        images = mdata.load_images(mdata.image_folder(args.data), min_size=size)
+        try:
+            images = mdata.image_folder(args.data)  # file paths: decoded by the loader's workers
+        except (OSError, ValueError) as e:
+            raise SystemExit(str(e)) from e
         length = args.samples_per_epoch or len(images)
     if length < args.batch_size * world:
         raise SystemExit(f"--samples-per-epoch ({length}) must be at least one global batch "
@@ -206,12 +218,15 @@ def train(args) -> dict:
         check_output_dir(args.output_dir)
         for path in remove_interrupted_saves(args.output_dir):
             print(f"removed {path}: the temp file of a checkpoint save that was interrupted")
+        if not args.resume:
+            start_afresh(args.output_dir, args.overwrite)
     torch.manual_seed(args.seed)
     model = build_model(args.model, args.img_size, norm_pix_loss=args.norm_pix_loss).to(device)
     if model.img_size[0] != model.img_size[1]:
         raise SystemExit("--img-size must describe a square crop")
     dataset = build_dataset(args, model, world)
     eff_batch = args.batch_size * args.accum_iter * world
+    args.world_size = world  # saved with the args: a resume checks it
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
@@ -223,7 +238,7 @@ def train(args) -> dict:
     start_epoch, start_batch, history = 0, 0, []
     resume = checkpoints_in(args.output_dir)[-1:] if args.resume == "auto" else [args.resume] if args.resume else []
     if resume:
-        ckpt = load_resume(resume[0], model, optimizer, scaler)
+        ckpt = load_resume(resume[0], model, optimizer, scaler, args, world)
         start_epoch, start_batch = ckpt["next"]["epoch"], ckpt["next"]["batch"]
         history = list(ckpt.get("history", []))
         if main_process:
@@ -251,6 +266,7 @@ def train(args) -> dict:
 
         bar = tqdm(total=total, initial=start_epoch * steps_per_epoch + start_batch, unit="step", dynamic_ncols=True)
     step = start_epoch * steps_per_epoch + start_batch
+    stopping = False
     if resume:
         run.drop_metrics_after(step)
     try:
@@ -261,6 +277,9 @@ def train(args) -> dict:
             loader = torch.utils.data.DataLoader(
                 torch.utils.data.Subset(dataset, order[first * args.batch_size:]), batch_size=args.batch_size,
                 num_workers=args.num_workers, drop_last=True)
+            # a window cut short by the epoch's end is dropped, as in the official recipe (and a
+            # checkpoint holds no gradients: every save falls on a window's end)
+            optimizer.zero_grad(set_to_none=True)
             tic = time.perf_counter()
             for b, (imgs, noise) in enumerate(loader, start=first):
                 if b % args.accum_iter == 0:
@@ -269,7 +288,8 @@ def train(args) -> dict:
                 imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss, _, _ = net(imgs, args.mask_ratio, noise, return_pred=False)
-                loss_value, stopping = reduce_step(loss.detach(), bool(stop["signal"]), world)
+                loss_value, signalled = reduce_step(loss.detach(), bool(stop["signal"]), world)
+                stopping = stopping or signalled
                 if not math.isfinite(loss_value) and precision != "fp16":
                     raise FloatingPointError(
                         f"loss is {loss_value} at step {step} (epoch {epoch}, batch {b}); stopping. "
@@ -296,7 +316,8 @@ def train(args) -> dict:
                     bar.set_postfix(epoch=epoch, loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                                     img_s=f"{images_per_s:.0f}")
                 at_end = b + 1 == steps_per_epoch
-                if stopping or (args.max_steps and step >= args.max_steps):
+                window_end = at_end or (b + 1) % args.accum_iter == 0  # a stop waits for it: no gradients lost
+                if window_end and (stopping or (args.max_steps and step >= args.max_steps)):
                     nxt = {"epoch": epoch + 1, "batch": 0} if at_end else {"epoch": epoch, "batch": b + 1}
                     run.checkpoint(epoch, nxt, step)
                     if stopping and main_process:
@@ -327,7 +348,25 @@ def reduce_step(loss: torch.Tensor, signalled: bool, world: int) -> tuple[float,
     return mean_loss / world, flags > 0
 
 
-def load_resume(path, model, optimizer, scaler) -> dict:
+# What a resume must keep: the data order, the step count and the schedule depend on them. --epochs
+# may grow (training on; the cosine schedule then stretches to the new end), with a note.
+RESUME_FLAGS = ("model", "img_size", "samples_per_epoch", "warmup_epochs", "batch_size",
+                "accum_iter", "blr", "lr", "min_lr", "mask_ratio", "norm_pix_loss", "seed")
+
+
+def start_afresh(run_dir: str, overwrite: bool) -> None:
+    """A fresh run must not mix with an earlier one in the same folder: its checkpoint pruning would
+    delete the new run's checkpoints (it keeps the highest steps) and --resume auto would pick the
+    old run's. With overwrite, the earlier run's checkpoints and metrics go."""
+    old = checkpoints_in(run_dir)
+    if old and not overwrite:
+        raise SystemExit(f"--output-dir {run_dir} holds the checkpoints of an earlier run ({os.path.basename(old[-1])}): "
+                         "continue it with --resume auto, or start afresh with --overwrite or another --output-dir")
+    for path in old + [p for p in [os.path.join(run_dir, "metrics.jsonl")] if os.path.exists(p)]:
+        os.remove(path)
+
+
+def load_resume(path, model, optimizer, scaler, args, world) -> dict:
     from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 
     try:
@@ -336,6 +375,26 @@ def load_resume(path, model, optimizer, scaler) -> dict:
         raise SystemExit(f"--resume: {e}") from e
     if "next" not in ckpt or "optimizer" not in ckpt:
         raise SystemExit(f"--resume: {path} is not a mae-fast training checkpoint (no optimizer/position)")
+    saved = ckpt.get("args") or {}
+    saved = saved if isinstance(saved, dict) else vars(saved)
+    for name in RESUME_FLAGS:
+        if name in saved and saved[name] != getattr(args, name):
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"--resume: the run in {path} used {flag} {saved[name]}, this command {getattr(args, name)}; "
+                             f"resume with the run's {flag} (the data order, step count and schedule depend on it)")
+    if ckpt["next"]["epoch"] >= args.epochs:
+        raise SystemExit(f"--resume: the run in {path} has finished its {ckpt['next']['epoch']} epochs; "
+                         "pass a larger --epochs to train on")
+    if saved.get("epochs", args.epochs) != args.epochs:
+        print(f"--epochs {args.epochs} (the run used {saved['epochs']}): the lr schedule now ends at epoch {args.epochs}")
+    if saved.get("world_size", world) != world:
+        raise SystemExit(f"--resume: the run in {path} ran on {saved['world_size']} processes, this one on {world}; "
+                         "the per-process batches and the data order depend on it")
+    named = CHECKPOINT_NAME.fullmatch(os.path.basename(path))
+    later = [c for c in checkpoints_in(args.output_dir) if named and step_of(c) > int(named.group(1))]
+    if later:
+        raise SystemExit(f"--resume: {args.output_dir} holds later checkpoints than {path} ({os.path.basename(later[-1])}): "
+                         "move them away to roll back (the run would prune its own checkpoints in their favour)")
     try:
         load_checkpoint(model, ckpt, strict=True)
     except (ValueError, RuntimeError) as e:

@@ -56,6 +56,40 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("stop_at", [1, 3])
+def test_resume_with_accum_iter_continues_exactly(tmp_path, stop_at):
+    """--accum-iter 2 with 3 steps an epoch: a stop waits for its window's end (no gradients are in
+    a checkpoint) and each epoch drops its cut window, as the official recipe does."""
+    flags = ["--epochs", "2", "--samples-per-epoch", "24", "--accum-iter", "2"]
+    summary, straight = run(tmp_path, *flags, name="straight")
+    _, split = run(tmp_path, *flags, "--max-steps", str(stop_at), name="split")
+    assert len(losses(split)) == {1: 2, 3: 3}[stop_at]  # step 1 runs on to its window's end; 3 ends the epoch
+    resumed, _ = run(tmp_path, *flags, "--resume", "auto", name="split")
+    assert losses(split) == losses(straight)
+    a, b = (read_checkpoint(s["checkpoint"])["model"] for s in (resumed, summary))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints(tmp_path):
+    _, out = run(tmp_path, "--epochs", "2")
+    with pytest.raises(SystemExit, match="holds the checkpoints of an earlier run.*--resume auto.*--overwrite"):
+        run(tmp_path, "--epochs", "1", "--keep-last", "1")
+    assert sorted(os.listdir(out)).count("checkpoint-8.pth") == 1  # nothing of the earlier run was touched
+    summary, _ = run(tmp_path, "--epochs", "1", "--keep-last", "1", "--overwrite")
+    assert pretrain.checkpoints_in(out) == [summary["checkpoint"]] and len(losses(out)) == 4
+
+
+def test_resume_refuses_other_flags_and_a_rollback_over_later_checkpoints(tmp_path):
+    summary, out = run(tmp_path, "--epochs", "2", "--keep-last", "2")
+    with pytest.raises(SystemExit, match="used --seed 0, this command 1"):
+        run(tmp_path, "--epochs", "3", "--seed", "1", "--resume", "auto")
+    with pytest.raises(SystemExit, match="has finished its 2 epochs; pass a larger --epochs"):
+        run(tmp_path, "--epochs", "2", "--resume", "auto")
+    older = pretrain.checkpoints_in(out)[0]
+    with pytest.raises(SystemExit, match="later checkpoints than .*checkpoint-4.pth.*checkpoint-8.pth"):
+        run(tmp_path, "--epochs", "2", "--resume", older)
+
+
 def test_compiled_run_trains_like_eager(tmp_path, monkeypatch):
     modes = []
     real_compile = torch.compile
@@ -163,7 +197,7 @@ def test_export_loads_into_timm_and_transformers(tmp_path):
     vit = timm.models.vision_transformer.VisionTransformer(
         img_size=16, patch_size=4, embed_dim=96, depth=4, num_heads=3, num_classes=0)
     vit.load_state_dict(read_checkpoint(path), strict=True)
-    model, _, _ = cli.model_from_checkpoint(out)
+    model, _, _, _ = cli.model_from_checkpoint(out)
     imgs = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(vit.forward_features(imgs), model.forward_features(imgs), rtol=1e-4, atol=1e-4)
@@ -187,11 +221,31 @@ def test_visualize_user_images(tmp_path):
         paths.append(str(path))
     picture = cli.cmd_visualize([out, *paths, "--out", str(tmp_path / "viz.png")])
     assert open(picture, "rb").read(4) == b"\x89PNG"
-    with pytest.raises(SystemExit, match="image not found"):
-        cli.cmd_visualize([out, str(tmp_path / "missing.png")])
 
 
-def test_image_folder_data_skips_unreadable_and_small_images(tmp_path):
+def test_cli_commands_report_bad_paths_and_ratios_without_a_traceback(tmp_path, capsys):
+    _, out = run(tmp_path, "--epochs", "1")
+    image = tmp_path / "img.png"
+    image.write_bytes(b"not an image")
+    for argv, message in [
+        (["visualize", out, str(tmp_path / "missing.png")], "image not found"),
+        (["visualize", out, str(image), "--mask-ratio", "1.0"], "--mask-ratio must be in (0, 1)"),
+        (["visualize", out, str(image)], "cannot read image"),
+        (["probe", str(tmp_path / "missing.pth")], "checkpoint not found"),
+        (["export", str(tmp_path / "missing.pth"), "--to", "timm"], "checkpoint not found"),
+        (["pretrain", "--resume", str(tmp_path / "missing.pth")], "checkpoint not found"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert message in str(e.value.code) + capsys.readouterr().err, argv
+
+
+def test_export_of_a_run_folder_writes_into_it(tmp_path):
+    summary, out = run(tmp_path, "--epochs", "1")
+    assert cli.cmd_export([out, "--to", "timm"]) == os.path.join(out, "encoder-timm.pth")
+
+
+def test_image_folder_data_skips_unreadable_and_scales_up_small_images(tmp_path):
     from PIL import Image
 
     root = tmp_path / "data" / "class_a"
@@ -200,27 +254,41 @@ def test_image_folder_data_skips_unreadable_and_small_images(tmp_path):
         Image.fromarray((torch.rand(24, 24, 3) * 255).byte().numpy()).save(root / f"ok{i}.png")
     Image.fromarray((torch.rand(8, 8, 3) * 255).byte().numpy()).save(root / "small.png")
     (root / "broken.jpg").write_bytes(b"not an image")
-    with pytest.warns(UserWarning) as record:
+    with pytest.warns(UserWarning, match="skipped unreadable image file .*broken.jpg") as record:
         summary, _ = run(tmp_path, "--data", str(tmp_path / "data"), "--epochs", "1")
-    messages = " ".join(str(w.message) for w in record)
-    assert "skipped 1 unreadable image file(s)" in messages and "skipped 1 image(s) smaller than the 16px" in messages
+    assert sum("broken.jpg" in str(w.message) for w in record) == 1  # once, though 32 crops pass it
     assert summary["final_loss"] is not None
+
+
+def test_crop_dataset_decodes_files_lazily_and_visits_each_image_once_an_epoch(monkeypatch):
+    from mae_fast import data as mdata
+
+    files = [f"img{i}.png" for i in range(5)]
+    loaded = []
+    monkeypatch.setattr(mdata, "load_image", lambda path: loaded.append(path) or torch.rand(3, 8, 12))
+    crops = mdata.CropDataset(files, 16, len(files), seed=0)
+    assert loaded == []  # nothing decoded up front
+    assert crops[0].shape == (3, 16, 16)  # an 8 px image scaled up to the 16 px crop
+    for i in range(1, 5):
+        crops[i]
+    assert loaded == files
 
 
 @pytest.mark.parametrize("setup,match", [
     (lambda p: None, "is not a directory"),
     (lambda p: os.makedirs(p), "no image files"),
 ])
-def test_bad_data_directory(tmp_path, setup, match):
+def test_bad_data_directory(tmp_path, setup, match, capsys):
     data = tmp_path / "data"
     setup(data)
-    with pytest.raises((FileNotFoundError, ValueError), match=match):
+    with pytest.raises(SystemExit) as e:  # parse_args' error (printed) or build_dataset's (the message)
         run(tmp_path, "--data", str(data), "--epochs", "1")
+    assert match in str(e.value.code) + capsys.readouterr().err
 
 
 def test_resume_with_a_checkpoint_of_another_model_is_refused(tmp_path):
     summary, _ = run(tmp_path, "--epochs", "1")
-    with pytest.raises(SystemExit, match="does not fit"):
+    with pytest.raises(SystemExit, match="used --img-size 16, this command 32"):
         pretrain.main(["--model", "tiny", "--img-size", "32", "--batch-size", "8", "--samples-per-epoch", "32",
                        "--quiet", "--output-dir", str(tmp_path / "other"), "--resume", summary["checkpoint"]])
 
