@@ -197,8 +197,9 @@ def add_norm(x: torch.Tensor, delta, norm: nn.Module, feeds_linear: bool = True)
 def run_blocks(blocks, x: torch.Tensor, final_norm: nn.Module = None) -> torch.Tensor:
     """x through pre-norm Blocks, then final_norm (if given), as `blk(x)` in turn computes: each
     residual add fused with the norm after it, across blocks too. Blocks that are wrapped (activation
-    checkpointing) or hooked (FSDP) are called as modules, and fuse inside themselves only."""
-    if all(type(blk) is Block and not has_hooks(blk) for blk in blocks):
+    checkpointing), hooked (FSDP) or given their own forward are called as modules, and fuse inside
+    themselves only."""
+    if all(type(blk) is Block and not has_hooks(blk) and "forward" not in vars(blk) for blk in blocks):
         return _fused_blocks(blocks, x, final_norm)
     for blk in blocks:
         x = blk(x)

@@ -29,7 +29,8 @@ class MAE(nn.Module):
         self.masking_ratio, self.norm_pix_loss = masking_ratio, norm_pix_loss
         self.encoder = encoder
         self.patch_size = tuple(encoder.patch_size)
-        # shares the encoder's modules; it exists so the state-dict keys match vit-pytorch's MAE
+        # shares the encoder's modules, as vit-pytorch's MAE (same state-dict keys; to_patch has none)
+        self.to_patch = encoder.to_patch_embedding[0]
         self.patch_to_emb = nn.Sequential(*encoder.to_patch_embedding[1:])
         num_pos, encoder_dim = encoder.pos_embedding.shape[-2:]
         patch_dim = encoder.to_patch_embedding[2].weight.shape[-1]

@@ -21,29 +21,33 @@ def check_noise(noise, batch: int, num_patches: int) -> None:
         raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
 
 
-def check_ratio(ratio, name: str) -> None:
-    """A masking ratio: a real number in (0, 1) (a 0-d tensor is accepted); errors name the argument."""
+def check_ratio(ratio, name: str, allow_zero: bool = False) -> None:
+    """A masking ratio: a real number in (0, 1), or [0, 1) with allow_zero (a 0-d tensor is
+    accepted); errors name the argument."""
+    interval = "[0, 1)" if allow_zero else "(0, 1)"
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float, torch.Tensor)) \
             or (isinstance(ratio, torch.Tensor) and (ratio.numel() != 1 or ratio.is_complex())):
-        raise TypeError(f"{name} must be a float in (0, 1), got {ratio!r}")
-    if not 0 < float(ratio) < 1:
-        raise ValueError(f"{name} must be in (0, 1), got {ratio}")
+        raise TypeError(f"{name} must be a float in {interval}, got {ratio!r}")
+    if not (0 <= float(ratio) if allow_zero else 0 < float(ratio)) or not float(ratio) < 1:
+        raise ValueError(f"{name} must be in {interval}, got {ratio}")
 
 
-def len_keep_for(num_patches: int, mask_ratio: float) -> int:
-    """int(L * (1 - mask_ratio)) as the official code, refusing ratios that leave no visible or
-    no removed patch."""
-    check_ratio(mask_ratio, "mask_ratio")
+def len_keep_for(num_patches: int, mask_ratio: float, allow_zero: bool = False) -> int:
+    """int(L * (1 - mask_ratio)) as the official code, refusing ratios that leave no visible patch,
+    or (unless allow_zero: the encoder on every patch, as features) no removed one."""
+    check_ratio(mask_ratio, "mask_ratio", allow_zero)
     len_keep = int(num_patches * (1 - mask_ratio))
-    if not 0 < len_keep < num_patches:
+    if not 0 < len_keep <= num_patches - (0 if allow_zero else 1):
         raise ValueError(f"mask_ratio {mask_ratio} keeps {len_keep} of {num_patches} patches; "
-                         "at least one patch must stay visible and one be removed")
+                         "at least one patch must stay visible" + ("" if allow_zero else " and one be removed"))
     return len_keep
 
 
-def random_masking(batch: int, num_patches: int, mask_ratio: float, noise=None, device=None) -> Masking:
-    """Official semantics: keep the first len_keep of argsort(noise)."""
-    len_keep = len_keep_for(num_patches, mask_ratio)
+def random_masking(batch: int, num_patches: int, mask_ratio: float, noise=None, device=None,
+                   allow_zero: bool = False) -> Masking:
+    """Official semantics: keep the first len_keep of argsort(noise). allow_zero: mask_ratio 0
+    keeps every patch (the official forward_encoder(imgs, 0.0), for features)."""
+    len_keep = len_keep_for(num_patches, mask_ratio, allow_zero)
     if noise is None:
         noise = torch.rand(batch, num_patches, device=device)
     check_noise(noise, batch, num_patches)

@@ -51,10 +51,15 @@ def check_config(*, img_size, patch_size, in_chans, embed_dim, depth, num_heads,
 
 
 class PatchEmbed(nn.Module):
-    """timm's PatchEmbed keys (proj = Conv2d); applied as a linear map on gathered patches."""
+    """timm's PatchEmbed: its keys (proj = Conv2d) and attributes, and images (B, C, H, W) in,
+    tokens (B, L, D) out. The model itself calls it on gathered patches (B, K, p*p*C) in (p, q, c)
+    order, as a linear map: only the visible patches are ever embedded."""
 
-    def __init__(self, patch_size, in_chans, embed_dim):
+    def __init__(self, patch_size, in_chans, embed_dim, img_size=(224, 224)):
         super().__init__()
+        self.img_size, self.patch_size = tuple(img_size), (patch_size, patch_size)
+        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def linear_weight(self) -> torch.Tensor:
@@ -62,14 +67,16 @@ class PatchEmbed(nn.Module):
         w = self.proj.weight
         return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
 
-    def forward(self, patches):
-        return F.linear(patches, self.linear_weight(), self.proj.bias)
+    def forward(self, x):
+        if x.dim() == 4:  # images, as timm's
+            return self.proj(x).flatten(2).transpose(1, 2)
+        return F.linear(x, self.linear_weight(), self.proj.bias)
 
 
 class MaskedAutoencoderViT(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
-                 norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False):
+                 norm_layer=nn.LayerNorm, norm_pix_loss=False):
         super().__init__()
         check_config(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                      depth=depth, num_heads=num_heads, decoder_embed_dim=decoder_embed_dim,
@@ -80,7 +87,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.default_mask_ratio = 0.75
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, self.img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim), requires_grad=False)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, norm_layer) for _ in range(depth))
@@ -130,9 +137,14 @@ class MaskedAutoencoderViT(nn.Module):
 
     # ------------------------------------------------------------------ fast path
 
-    def _encode(self, imgs, mask_ratio, noise):
-        m = random_masking(imgs.shape[0], self.num_patches, mask_ratio, noise, device=imgs.device)
+    def _encode(self, imgs, mask_ratio, noise, allow_zero=False):
+        m = random_masking(imgs.shape[0], self.num_patches, mask_ratio, noise, device=imgs.device,
+                           allow_zero=allow_zero)
         return self._encode_patches(imgs, m.ids_keep), m
+
+    def _overrides(self, *names) -> bool:
+        """Whether a subclass replaced one of these official methods (the forward then composes them)."""
+        return any(getattr(type(self), n) is not getattr(MaskedAutoencoderViT, n) for n in names)
 
     def _encode_patches(self, imgs, ids):
         """Encoder output (B, 1 + K, D) for patches ids (B, K): only those are ever embedded."""
@@ -163,6 +175,12 @@ class MaskedAutoencoderViT(nn.Module):
         on the removed patches only: the same loss for less work."""
         self.check_input(imgs)
         mask_ratio = self.default_mask_ratio if mask_ratio is None else mask_ratio
+        if self._overrides("forward_encoder", "forward_decoder", "forward_loss", "random_masking", "patchify"):
+            # a subclass's methods, composed as the official forward does (no fast path)
+            enc = self.forward_encoder(imgs, mask_ratio) if noise is None else self.forward_encoder(imgs, mask_ratio, noise)
+            latent, mask, ids_restore = enc
+            pred = self.forward_decoder(latent, ids_restore)
+            return self.forward_loss(imgs, pred, mask), pred, mask
         latent, m = self._encode(imgs, mask_ratio, noise)
         x = self._decode(latent, m.ids_keep)
         if return_pred:
@@ -184,12 +202,18 @@ class MaskedAutoencoderViT(nn.Module):
         return ops.unpatchify(x, self.patch_size, self.img_size)
 
     def random_masking(self, x, mask_ratio, noise=None):
-        m = random_masking(x.shape[0], x.shape[1], mask_ratio, noise, device=x.device)
+        m = random_masking(x.shape[0], x.shape[1], mask_ratio, noise, device=x.device, allow_zero=True)
         return ops.gather_tokens(x, m.ids_keep), m.mask, m.ids_restore
 
     def forward_encoder(self, x, mask_ratio, noise=None):
+        """mask_ratio 0 runs the encoder on every patch (as the official code: features)."""
         self.check_input(x)
-        latent, m = self._encode(x, mask_ratio, noise)
+        if self._overrides("random_masking", "patchify"):  # a subclass's: the official composition
+            t = self.patch_embed(self.patchify(x)) + self.pos_embed[:, 1:]
+            t, mask, ids_restore = self.random_masking(t, mask_ratio, *(() if noise is None else (noise,)))
+            cls = (self.cls_token + self.pos_embed[:, :1]).expand(t.shape[0], -1, -1)
+            return run_blocks(self.blocks, torch.cat([cls.to(t.dtype), t], dim=1), self.norm), mask, ids_restore
+        latent, m = self._encode(x, mask_ratio, noise, allow_zero=True)
         return latent, m.mask, m.ids_restore
 
     def forward_decoder(self, x, ids_restore):
@@ -198,6 +222,14 @@ class MaskedAutoencoderViT(nn.Module):
         return self.decoder_pred(self.decoder_norm(x[:, 1:]))
 
     def forward_loss(self, imgs, pred, mask):
+        if not (mask.is_floating_point() or mask.dtype == torch.bool):
+            mask = mask.float()  # the official arithmetic takes any dtype
+        if self._overrides("patchify"):  # a subclass's patch layout: the official eager loss
+            target = self.patchify(imgs)
+            if self.norm_pix_loss:
+                mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+                target = (target - mean) / (var + 1.0e-6) ** 0.5
+            return (((pred - target) ** 2).mean(dim=-1) * mask).sum() / mask.sum()
         return ops.masked_mse_loss(pred, imgs, self.patch_size, mask=mask, norm_pix=self.norm_pix_loss)
 
     # ------------------------------------------------------------------ Hugging Face
@@ -231,3 +263,7 @@ def _factory(embed_dim, depth, num_heads, patch_size):
 mae_vit_base_patch16 = _factory(768, 12, 12, 16)
 mae_vit_large_patch16 = _factory(1024, 24, 16, 16)
 mae_vit_huge_patch14 = _factory(1280, 32, 16, 14)
+# the official file's names of the same models
+mae_vit_base_patch16_dec512d8b = mae_vit_base_patch16
+mae_vit_large_patch16_dec512d8b = mae_vit_large_patch16
+mae_vit_huge_patch14_dec512d8b = mae_vit_huge_patch14

@@ -6,7 +6,6 @@ favours being obviously right over being fast. Conventions follow facebookresear
 """
 from __future__ import annotations
 
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -206,7 +205,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24,
                  num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-                 mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False):
+                 mlp_ratio=4.0, norm_layer=nn.LayerNorm, norm_pix_loss=False):
         super().__init__()
         self.img_size, self.patch_size, self.in_chans = pair(img_size), patch_size, in_chans
         self.grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)

@@ -82,7 +82,59 @@ def test_official_state_dict_and_init_follow_the_official_model():
     conv = model.patch_embed.proj.weight
     conv_bound = (6 / (conv.shape[0] + conv[0].numel())) ** 0.5
     assert conv.abs().max() <= conv_bound and conv.abs().max() > 0.9 * conv_bound
-    assert model.blocks[0].norm1.eps == 1e-6
+    assert model.blocks[0].norm1.eps == 1e-5  # the class's default norm_layer is nn.LayerNorm, as upstream's
+    assert mae_fast.mae_vit_base_patch16(depth=1, decoder_depth=1).norm.eps == 1e-6  # the factories pass 1e-6
+    assert mae_fast.models_mae.mae_vit_base_patch16_dec512d8b is mae_fast.mae_vit_base_patch16  # upstream's names
+
+
+def test_official_forward_composes_a_subclasss_methods():
+    """Forks subclass the official model to change the masking or the loss: forward then runs
+    their methods, composed as upstream's forward, and the subclass's masking reaches the encoder."""
+    calls = []
+
+    class Fork(mae_fast.MaskedAutoencoderViT):
+        def random_masking(self, x, mask_ratio, noise=None):
+            calls.append("random_masking")
+            return super().random_masking(x, mask_ratio, noise)
+
+        def forward_loss(self, imgs, pred, mask):
+            return torch.tensor(123.0)
+
+    fork = Fork(**OFFICIAL)
+    fork.load_state_dict(official_pair()[0].state_dict())
+    imgs = torch.randn(2, 3, 16, 24)
+    loss, pred, mask = fork(imgs, 0.5)
+    assert loss.item() == 123.0 and calls == ["random_masking"] and pred.shape[:2] == mask.shape
+    # the official composition (every patch embedded, then masked) equals the fast path
+    fast, _ = official_pair()
+    fast.load_state_dict(fork.state_dict())
+    noise = torch.rand(2, 24)
+    for a, b in zip(Fork.forward_encoder(fork, imgs, 0.5, noise), fast.forward_encoder(imgs, 0.5, noise)):
+        torch.testing.assert_close(a, b)
+
+
+def test_official_drop_in_details():
+    fast, _ = official_pair()
+    imgs = torch.randn(2, 3, 16, 24)
+    # a block given its own forward (attention-map extraction) runs it
+    seen = []
+    blk = fast.blocks[0]
+    blk.forward = lambda x: seen.append(x.shape) or type(blk).forward(blk, x)
+    fast(imgs, 0.5)
+    assert seen
+    # mask_ratio 0: the encoder on every patch, as upstream's forward_encoder(imgs, 0.0)
+    latent, mask, _ = fast.forward_encoder(imgs, 0.0)
+    assert latent.shape[1] == 1 + fast.num_patches and not mask.any()
+    # timm's PatchEmbed: its attributes, and images in
+    pe = fast.patch_embed
+    assert (pe.num_patches, pe.patch_size, pe.grid_size) == (24, (4, 4), (4, 6))
+    torch.testing.assert_close(pe(imgs), pe(fast.patchify(imgs)))
+    # any mask dtype, as the official arithmetic
+    pred = torch.randn(2, 24, 48)
+    torch.testing.assert_close(fast.forward_loss(imgs, pred, mask.long() + 1), fast.forward_loss(imgs, pred, mask + 1))
+    # vit-pytorch's MAE exposes the encoder's patch rearrange as to_patch
+    seed, _ = seed_pair()
+    assert seed.to_patch(imgs).shape == (2, 24, 48) and not any(k.startswith("to_patch.") for k in seed.state_dict())
 
 
 def test_official_methods_are_consistent_with_forward():
