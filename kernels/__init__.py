@@ -18,3 +18,15 @@ def on_tensor_device(launcher):
                 return launcher(*args, **kwargs)
         return launcher(*args, **kwargs)
     return run
+
+
+def fits_int32(t) -> bool:
+    """Whether every element's offset inside one batch sample of t is below 2**31: the kernels
+    index inside a sample in 32 bits (only the batch offset is 64-bit), which a batch-innermost
+    layout (a sequence-first tensor transposed) passes at large batches."""
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape[1:], t.stride()[1:])) < 2**31
+
+
+def within_int32(t):
+    """t, or a contiguous copy where it does not fit_int32."""
+    return t if fits_int32(t) else t.contiguous()

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_tensor_device
+from . import on_tensor_device, within_int32
 
 # Allocator of every buffer the kernels write (a module attribute so tests can NaN-poison it).
 empty = torch.empty
@@ -198,6 +198,7 @@ def _precision(dtype):
 def attention_fwd(qkv, heads):
     """qkv (B, N, 3 * heads * d) with unit last stride. Returns (out (B, N, heads * d) contiguous in
     qkv's dtype, lse (B * heads, N) fp32)."""
+    qkv = within_int32(qkv)
     B, N, three_inner = qkv.shape
     d = three_inner // (3 * heads)
     out = empty((B, N, heads * d), device=qkv.device, dtype=qkv.dtype)
@@ -216,6 +217,7 @@ def attention_fwd(qkv, heads):
 def attention_bwd(grad_out, qkv, out, lse, heads):
     """grad_out (B, N, heads * d) with unit last stride; qkv, out, lse as attention_fwd gave them.
     Returns the gradient of qkv, (B, N, 3 * heads * d) contiguous in qkv's dtype."""
+    grad_out, qkv = within_int32(grad_out), within_int32(qkv)
     B, N, three_inner = qkv.shape
     d = three_inner // (3 * heads)
     dqkv = empty((B, N, three_inner), device=qkv.device, dtype=qkv.dtype)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_tensor_device
+from . import on_tensor_device, within_int32
 from .patchify import NORM_PIX_EPS, _batch_and_row_block, _block_config, _patch_offsets
 
 # Allocator of every buffer the kernels write (a module attribute so tests can NaN-poison it).
@@ -161,6 +161,7 @@ def _launch_args(pred, imgs, mask, ids, ph, pw):
 def masked_mse_loss_fwd(pred, imgs, mask, ids, ph, pw, norm_pix=False, out_dtype=None):
     """Returns (loss 0-dim in out_dtype (default pred.dtype), denom 0-dim fp32).
     Exactly one of mask (B, L) / ids (B, M) is given."""
+    pred, imgs = within_int32(pred), within_int32(imgs)
     a = _launch_args(pred, imgs, mask, ids, ph, pw)
     n_r = triton.cdiv(a["R"], a["block_r"])
     n = n_r * a["B"]
@@ -183,6 +184,7 @@ def masked_mse_loss_fwd(pred, imgs, mask, ids, ph, pw, norm_pix=False, out_dtype
 @on_tensor_device
 def masked_mse_loss_bwd(grad_loss, denom, pred, imgs, mask, ids, ph, pw, norm_pix=False):
     """Gradient w.r.t. pred, contiguous (B, R, P) in pred.dtype; one pass, targets recomputed."""
+    pred, imgs = within_int32(pred), within_int32(imgs)
     a = _launch_args(pred, imgs, mask, ids, ph, pw)
     gpred = empty(pred.shape, device=pred.device, dtype=pred.dtype)
     if gpred.numel() == 0:

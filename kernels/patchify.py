@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_tensor_device
+from . import fits_int32, on_tensor_device, within_int32
 
 NORM_PIX_EPS = 1e-6
 
@@ -161,6 +161,7 @@ def _grid_dims(imgs, ph, pw):
 @on_tensor_device
 def patchify_gather_fwd(imgs, ids, ph, pw, norm_pix=False, out=None):
     """(B, C, H, W) [+ ids (B, K)] -> (B, K, ph*pw*C) (all L patches when ids is None)."""
+    imgs = within_int32(imgs)
     B, C, gh, gw = _grid_dims(imgs, ph, pw)
     L, P = gh * gw, ph * pw * C
     K = L if ids is None else ids.shape[1]
@@ -183,8 +184,11 @@ def patchify_gather_bwd(grad, imgs, inv, ph, pw, norm_pix=False, out=None, image
     """Rows -> image layout. grad (B, K, P); inv (B, L) int (row of each patch, -1 = none) or None
     for k = l; imgs is read only with norm_pix (and gives the output's shape and strides).
     Returns out (a new tensor like imgs unless given); every element is written."""
+    grad = within_int32(grad)
     if out is None:
         out = empty_like(imgs)
+        if not fits_int32(out):
+            out = empty(imgs.shape, dtype=imgs.dtype, device=imgs.device)
     B, C, H, W = out.shape
     gh, gw = H // ph, W // pw
     L, P = gh * gw, ph * pw * C
@@ -192,7 +196,7 @@ def patchify_gather_bwd(grad, imgs, inv, ph, pw, norm_pix=False, out=None, image
     if out.numel() == 0:
         return out
     block_r, block_p, num_warps = _block_config(P, L)
-    img = imgs if (norm_pix and imgs is not None) else out
+    img = within_int32(imgs) if (norm_pix and imgs is not None) else out
     inv_arg, s_vb, s_vl = (out, 0, 0) if inv is None else (inv, inv.stride(0), inv.stride(1))
     grid = (B * triton.cdiv(L, block_r),)
     _patchify_gather_bwd_kernel[grid](

@@ -336,6 +336,22 @@ GPU_CASES = {"vit_b-encoder": (256, 50, 12, 64), "vit_b-decoder": (256, 197, 16,
 
 
 @pytest.mark.gpu
+def test_gpu_sequence_first_qkv_past_int32_offsets():
+    """A sequence-first (N, B, 3 * H * d) tensor transposed to (B, N, ...): the row stride B * width
+    puts in-sample offsets past 2**31, where the kernels' 32-bit row arithmetic would wrap."""
+    N, B, H, d = 197, 60_000, 1, 64
+    qkv = torch.randn(N, B, 3 * H * d, device="cuda", dtype=torch.bfloat16).transpose(0, 1).requires_grad_()
+    out = mae_fast.ops.attention(qkv, H)
+    tail = qkv[-2:].detach().contiguous().requires_grad_()
+    want = mae_fast.ops.attention(tail, H)
+    torch.testing.assert_close(out[-2:], want)
+    g = torch.randn_like(want)
+    (out[-2:] * g).sum().backward()
+    want.backward(g)
+    torch.testing.assert_close(qkv.grad[-2:], tail.grad)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_gpu_bf16_mae_shapes(case):
     B, N, H, d = GPU_CASES[case]

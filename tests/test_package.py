@@ -135,3 +135,17 @@ def test_gpu_ops_run_on_their_tensors_device():
     torch.cuda.set_device(0)
     for a, b_ in zip(run("cuda:0"), run("cuda:1")):
         torch.testing.assert_close(a, b_)
+
+
+def test_kernels_copy_layouts_whose_in_sample_offsets_pass_int32():
+    """The launchers pass within_int32(t): a batch-innermost layout whose in-sample offsets pass
+    2**31 becomes contiguous (checked on meta tensors: shapes and strides, no memory)."""
+    pytest.importorskip("triton")
+    from mae_fast.kernels import fits_int32, within_int32
+
+    seq_first = torch.empty(197, 4096, 3072, device="meta").transpose(0, 1)  # row stride 4096 * 3072
+    assert not fits_int32(seq_first) and within_int32(seq_first).is_contiguous()
+    small = torch.empty(197, 8, 3072, device="meta").transpose(0, 1)
+    assert fits_int32(small) and within_int32(small) is small
+    huge_batch = torch.empty(70_000, 197, 3072, device="meta")  # only the batch offset passes 2**31: fine
+    assert fits_int32(huge_batch)
