@@ -333,6 +333,8 @@ def train(args) -> dict:
             signal.signal(sig, handler)
         if bar is not None:
             bar.close()
+        if run.tb is not None:
+            run.tb.close()  # flushes: TensorBoard buffers scalars for up to two minutes
         if world > 1:
             dist.destroy_process_group()
 
