@@ -177,8 +177,7 @@ class MaskedAutoencoderViT(nn.Module):
         mask_ratio = self.default_mask_ratio if mask_ratio is None else mask_ratio
         if self._overrides("forward_encoder", "forward_decoder", "forward_loss", "random_masking", "patchify"):
             # a subclass's methods, composed as the official forward does (no fast path)
-            enc = self.forward_encoder(imgs, mask_ratio) if noise is None else self.forward_encoder(imgs, mask_ratio, noise)
-            latent, mask, ids_restore = enc
+            latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, *(() if noise is None else (noise,)))
             pred = self.forward_decoder(latent, ids_restore)
             return self.forward_loss(imgs, pred, mask), pred, mask
         latent, m = self._encode(imgs, mask_ratio, noise)
