@@ -57,7 +57,8 @@ def parse_args(argv=None):
                    help="start afresh in an --output-dir that holds an earlier run: deletes its checkpoints and metrics")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
     p.add_argument("--vis-every", type=int, default=4, help="epochs between reconstruction pictures")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps, at the end of an --accum-iter window (for tests)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps, at the end of an --accum-iter window (for tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -364,8 +365,9 @@ def start_afresh(run_dir: str, overwrite: bool) -> None:
     if old and not overwrite:
         raise SystemExit(f"--output-dir {run_dir} holds the checkpoints of an earlier run ({os.path.basename(old[-1])}): "
                          "continue it with --resume auto, or start afresh with --overwrite or another --output-dir")
-    for path in old + [p for p in [os.path.join(run_dir, "metrics.jsonl")] if os.path.exists(p)]:
-        os.remove(path)
+    for path in old + [os.path.join(run_dir, "metrics.jsonl")]:
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def load_resume(path, model, optimizer, scaler, args, world) -> dict:
@@ -393,7 +395,7 @@ def load_resume(path, model, optimizer, scaler, args, world) -> dict:
         raise SystemExit(f"--resume: the run in {path} ran on {saved['world_size']} processes, this one on {world}; "
                          "the per-process batches and the data order depend on it")
     named = CHECKPOINT_NAME.fullmatch(os.path.basename(path))
-    later = [c for c in checkpoints_in(args.output_dir) if named and step_of(c) > int(named.group(1))]
+    later = [c for c in checkpoints_in(args.output_dir) if step_of(c) > step_of(path)] if named else []
     if later:
         raise SystemExit(f"--resume: {args.output_dir} holds later checkpoints than {path} ({os.path.basename(later[-1])}): "
                          "move them away to roll back (the run would prune its own checkpoints in their favour)")
