@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import test_bench_step as S  # noqa: E402
-from mae_fast import layers  # noqa: E402
+from mae_fast.models import blocks as layers  # noqa: E402
 
 CASE = S._official("host-vit_l-depth", 2, 64, 16, 64, 24, 2, 32, 8, 2)
 

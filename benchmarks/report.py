@@ -40,7 +40,7 @@ PROVIDER_NOTES = {
     "mae_fast_fused": "mae_fast, eager, each residual add fused into the next LayerNorm's kernel "
                       "(set_fused_add_norm(True); mae_fast's eager default in runs before 2026-11-29)",
     "mae_fast_triton_attn_fused": "mae_fast_fused with its own attention kernels",
-    "reference": "mae_fast.reference, eager, explicit softmax attention",
+    "reference": "mae_fast.testing.reference, eager, explicit softmax attention",
     "reference_compiled": "torch.compile(reference)",
     "hf": "transformers ViTMAEForPreTraining, sdpa attention, same weights",
     "vit_pytorch": "vit_pytorch.MAE, same weights (draws its own noise)",

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mae_fast import layers  # noqa: E402
-from mae_fast.presets import PRESETS, build_model  # noqa: E402
+from mae_fast.models import blocks as layers  # noqa: E402
+from mae_fast.models.presets import PRESETS, build_model  # noqa: E402
 
 VIEWS = {"view", "_unsafe_view", "permute", "transpose", "t", "expand", "unsqueeze", "squeeze", "select", "slice",
          "detach", "alias", "as_strided", "unbind", "split", "split_with_sizes", "chunk"}

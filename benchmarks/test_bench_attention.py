@@ -1,5 +1,5 @@
 """Benchmarks (measurements, not tests): the blocks' self-attention from a fused qkv projection,
-mae_fast.ops.attention against the SDPA path the blocks run by default (mae_fast.layers.attend_sdpa:
+mae_fast.ops.attention against the SDPA path the blocks run by default (mae_fast.models.blocks.attend_sdpa:
 head views, F.scaled_dot_product_attention, heads merged back; "eager" is torch's own choice of
 backend, cuDNN on an H200) and each SDPA backend forced, forward and forward+backward (the gradient
 of qkv).
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import mae_fast
-from mae_fast import layers
+from mae_fast.models import blocks as layers
 
 from benchmarks.common import CUDA, DEVICE, device_name
 

@@ -18,10 +18,10 @@ Providers (a case's speedups are computed by benchmarks/report.py from the same 
                        benchmarks/host_overhead.py)
                        These opt-in providers (official API) run only when named in
                        MAE_FAST_BENCH_PROVIDERS.
-  reference            mae_fast.reference, eager, explicit softmax attention (the oracle)
+  reference            mae_fast.testing.reference, eager, explicit softmax attention (the oracle)
   reference_compiled   torch.compile(reference model)
   hf                   transformers' ViTMAEForPreTraining, attn_implementation="sdpa", same config
-                       and weights (mae_fast.hf.to_hf) -- official API only
+                       and weights (mae_fast.io.hf.to_hf) -- official API only
   vit_pytorch          vit_pytorch.MAE(encoder=vit_pytorch.ViT) with the same weights -- seed API
                        only; it draws its own noise (no noise argument), which changes no cost
 Peers that are not installed or fail are skipped with the reason printed and recorded.
@@ -68,7 +68,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import mae_fast  # noqa: E402
-from mae_fast import reference as R  # noqa: E402
+from mae_fast.testing import reference as R  # noqa: E402
 
 from benchmarks.common import CUDA, DEVICE, device_name  # noqa: E402
 from benchmarks.flops import official_step_flops, seed_step_flops  # noqa: E402
@@ -113,7 +113,7 @@ GPU_CASES = [
     # the seed API at ViT-B size: same encoder, the official decoder (512 wide, 8 deep, 16 heads of 32)
     _seed("seed-vit_b16", 256, 224, 16, 768, 12, 12, 64, 512, 8, 16, 32),
 ]
-CPU_CASES = [  # the `tiny` preset of mae_fast.presets, and a seed model of the same size
+CPU_CASES = [  # the `tiny` preset of mae_fast.models.presets, and a seed model of the same size
     _official("official-tiny", 64, 32, 4, 96, 4, 3, 64, 2, 2),
     _seed("seed-tiny", 64, 32, 4, 96, 4, 3, 32, 64, 2, 2, 32),
 ]
@@ -358,7 +358,7 @@ def _build(c: Case, provider: str):
             import transformers  # noqa: F401
         except ImportError as e:
             raise PeerUnavailable(f"transformers is not installed ({e})") from None
-        from mae_fast.hf import to_hf
+        from mae_fast.io.hf import to_hf
 
         with torch.device(DEVICE):  # the HF model initialises where it runs, then takes our weights
             model = to_hf(model, attn_implementation="sdpa").to(DEVICE).train()

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import mae_fast
-from mae_fast import reference as R
+from mae_fast.testing import reference as R
 
 from benchmarks.common import CPU_COMPILE_ALL, CUDA, DEVICE, device_name
 

@@ -5,6 +5,8 @@ import functools
 
 import torch
 
+NORM_PIX_EPS = 1e-6  # the official norm_pix_loss: (t - mean) / sqrt(var + 1e-6)
+
 
 def on_tensor_device(launcher):
     """Runs a launcher on the device of its first tensor argument. Triton launches on the current

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_tensor_device, within_int32
-from .patchify import NORM_PIX_EPS, _batch_and_row_block, _block_config, _patch_offsets
+from . import NORM_PIX_EPS, on_tensor_device, within_int32
+from .patchify import _batch_and_row_block, _block_config, _patch_offsets
 
 # Allocator of every buffer the kernels write (a module attribute so tests can NaN-poison it).
 empty = torch.empty

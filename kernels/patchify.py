@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import fits_int32, on_tensor_device, within_int32
+from . import NORM_PIX_EPS, fits_int32, on_tensor_device, within_int32
 
-NORM_PIX_EPS = 1e-6
 
 # Output allocators, module attributes so that tests can poison them (NaN-fill) and catch any
 # element a kernel fails to write.

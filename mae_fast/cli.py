@@ -23,9 +23,9 @@ OFFICIAL_NAMES = {"mae_vit_base_patch16": "base", "mae_vit_large_patch16": "larg
 def model_from_checkpoint(path: str):
     """Rebuilds the model a training checkpoint was made with and loads its weights. A run
     directory means its newest checkpoint."""
-    from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-    from .presets import build_model
-    from .pretrain import checkpoints_in
+    from .io.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+    from .models.presets import build_model
+    from .train.pretrain import checkpoints_in
 
     if os.path.isdir(path):
         found = checkpoints_in(path)
@@ -55,8 +55,8 @@ def cmd_probe(argv):
     p.add_argument("checkpoint")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    from .presets import build_model
-    from .probe import probe_accuracy
+    from .models.presets import build_model
+    from .train.probe import probe_accuracy
 
     model, preset, _, _ = model_from_checkpoint(a.checkpoint)
     torch.manual_seed(a.seed)
@@ -83,8 +83,8 @@ def cmd_visualize(argv):
         p.error(f"image not found: {missing[0]}")
     import torch.nn.functional as F
 
-    from . import data as mdata
-    from .visualize import reconstruction_grid
+    from .train import data as mdata
+    from .train.pictures import reconstruction_grid
 
     model, _, _, _ = model_from_checkpoint(a.checkpoint)
     size = model.img_size[0]
@@ -109,8 +109,8 @@ def cmd_export(argv):
     p.add_argument("--to", required=True, choices=["timm", "hf"])
     p.add_argument("--out", default=None, help="default: encoder-<to>.pth beside the checkpoint")
     a = p.parse_args(argv)
-    from .checkpoint import save_checkpoint
-    from .export import encoder_state_dict
+    from .io.checkpoint import save_checkpoint
+    from .io.timm import encoder_state_dict
 
     model, _, _, path = model_from_checkpoint(a.checkpoint)
     sd = encoder_state_dict(model, a.to)
@@ -127,7 +127,7 @@ def main(argv=None):
         return 0
     command, rest = argv[0], argv[1:]
     if command == "pretrain":
-        from .pretrain import main as pretrain_main
+        from .train.pretrain import main as pretrain_main
 
         pretrain_main(rest)
     elif command == "probe":

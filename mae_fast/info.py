@@ -12,18 +12,17 @@ def missing_cuda_kernels() -> list[str]:
     """The kernels a CUDA run of this installation lacks, and so runs as PyTorch fallbacks: Triton
     kernel modules that do not import, token ops the extension has no CUDA kernel for. Empty when
     CUDA runs mae_fast's own kernels throughout. Initialises no CUDA."""
-    from mae_fast import _ext
-    from mae_fast.ops import tokens
-    from mae_fast.ops.patchify import _load_kernels
+    from mae_fast.ops import _common, tokens
 
-    missing = [f"mae_fast.kernels.{name}" for name in KERNEL_MODULES if _load_kernels(name) is None]
-    return missing + [f"mae_fast::{op} CUDA kernel" for op in tokens.OPS if not _ext.has_kernel(op, "cuda")]
+    missing = [f"mae_fast.kernels.{name}" for name in KERNEL_MODULES if _common.load_kernels(name) is None]
+    return missing + [f"mae_fast::{op} CUDA kernel" for op in tokens.OPS if not _common.has_kernel(op, "cuda")]
 
 
 def collect() -> dict:
     import torch
 
-    from mae_fast import _ext, layers
+    from mae_fast.models import blocks
+    from mae_fast.ops._common import EXTENSION_AVAILABLE, EXTENSION_UNAVAILABLE_REASON, build_info
 
     info = {
         "python": platform.python_version(),
@@ -39,20 +38,20 @@ def collect() -> dict:
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     info["Triton interpreter"] = "on (TRITON_INTERPRET=1): CPU tensors run the Triton kernels" if interp else \
         "off: CPU tensors use PyTorch fallbacks"
-    build = _ext.build_info()
-    if _ext.AVAILABLE:
+    build = build_info()
+    if EXTENSION_AVAILABLE:
         backends = ", ".join(build.get("backends", [])) or "unknown"
         archs = build.get("cuda_archs")
         info["extension"] = f"loaded (backends: {backends}" + (f"; CUDA archs {archs})" if archs else ")")
         if build.get("reason"):
             info["extension"] += f"; {build['reason']}"
     else:
-        info["extension"] = f"not available: {_ext.UNAVAILABLE_REASON}; ops use PyTorch fallbacks"
+        info["extension"] = f"not available: {EXTENSION_UNAVAILABLE_REASON}; ops use PyTorch fallbacks"
     missing = missing_cuda_kernels()
     info["CUDA kernels"] = "all present" if not missing else \
         f"missing {', '.join(missing)}: CUDA runs their PyTorch fallbacks"
-    info["blocks"] = (f"attention {layers.attention_backend()} (MAE_FAST_ATTENTION), fused add + LayerNorm "
-                      f"{'on' if layers.fused_add_norm() else 'off'} (MAE_FAST_FUSED_ADD_NORM)")
+    info["blocks"] = (f"attention {blocks.attention_backend()} (MAE_FAST_ATTENTION), fused add + LayerNorm "
+                      f"{'on' if blocks.fused_add_norm() else 'off'} (MAE_FAST_FUSED_ADD_NORM)")
     if torch.cuda.is_available():
         info["GPU"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     else:

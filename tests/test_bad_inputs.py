@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 import mae_fast
-from mae_fast import cli, ops, pretrain
-from mae_fast.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from mae_fast import cli, ops
+from mae_fast.train import pretrain
+from mae_fast.io.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 
 
 OFFICIAL = dict(img_size=(16, 24), patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=4,

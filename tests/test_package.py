@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mae_fast
-from mae_fast import _ext
+from mae_fast.ops import _common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,8 +35,9 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError('blocked for the test: ' + name)
 sys.meta_path.insert(0, Block())
 import mae_fast
-from mae_fast import _ext, reference as ref
-assert not _ext.AVAILABLE and _ext.UNAVAILABLE_REASON
+from mae_fast.ops import _common
+from mae_fast.testing import reference as ref
+assert not _common.EXTENSION_AVAILABLE and _common.EXTENSION_UNAVAILABLE_REASON
 imgs = torch.randn(2, 3, 8, 8)
 ids = torch.rand(2, 4).argsort(-1)[:, :3]
 assert torch.allclose(mae_fast.ops.patchify_gather(imgs, ids, 4), ref.patchify_gather(imgs, ids, 4))
@@ -48,9 +49,9 @@ print('ok')
 
 
 def test_extension_loads_with_the_recorded_backends():
-    info = _ext.build_info()
+    info = _common.build_info()
     if info.get("backends"):
-        assert _ext.AVAILABLE, _ext.UNAVAILABLE_REASON
+        assert _common.EXTENSION_AVAILABLE, _common.EXTENSION_UNAVAILABLE_REASON
         assert "cpu" in info["backends"]
     if info.get("mode") == "auto" and torch.version.cuda and shutil.which("nvcc") and os.path.exists("/usr/local/cuda/bin/nvcc"):
         assert info["backends"] == ["cpu", "cuda"], info
@@ -68,7 +69,7 @@ def test_info_reports_versions_and_extension():
                               env=env).stdout
     assert "attention sdpa (MAE_FAST_ATTENTION), fused add + LayerNorm off" in out
     assert "attention triton (MAE_FAST_ATTENTION), fused add + LayerNorm on" in settings
-    if _ext.AVAILABLE:
+    if _common.EXTENSION_AVAILABLE:
         assert "loaded (backends: cpu" in out
     else:
         assert "not available:" in out

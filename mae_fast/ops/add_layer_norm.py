@@ -10,7 +10,7 @@ Ops (torch.library custom ops with fake implementations):
 mean and rstd (x.shape[:-1], fp32; fp64 on the float64 path) are saved for the backward, which
 recomputes xhat from the stored residual. grad_delta is a (0,) tensor when delta has x's dtype
 (grad_x serves both: a custom op may not return one tensor twice), grad_bias is (0,) without bias.
-Dispatch as in mae_fast/ops/patchify.py: Triton on CUDA, Triton interpreted on CPU with
+Dispatch as every Triton op (mae_fast/ops/_common.py): Triton on CUDA, Triton interpreted on CPU with
 TRITON_INTERPRET=1, a PyTorch fallback otherwise, always for a float64 residual and for D > MAX_D.
 """
 from __future__ import annotations
@@ -20,9 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .patchify import compute_dtype, triton_kernels
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from ._common import FLOAT_DTYPES, check_device, check_float, compute_dtype, triton_kernels
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -180,13 +178,6 @@ class _AddLayerNormEager(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- public API
 
-def _check_float(t, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
-
-
 def add_layer_norm(x: Tensor, delta: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,
                    out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     """Fused `residual = x + delta; normed = layer_norm(residual, (D,), weight, bias, eps)`.
@@ -203,9 +194,10 @@ def add_layer_norm(x: Tensor, delta: Tensor, weight: Tensor, bias: Optional[Tens
     Both results are new contiguous tensors. Differentiable in x, delta, weight and bias (either
     output may be unused); grad_weight / grad_bias are reduced deterministically (no atomics).
     """
-    _check_float(x, "x")
-    _check_float(delta, "delta")
-    _check_float(weight, "weight")
+    others = {"delta": delta, "weight": weight} | ({} if bias is None else {"bias": bias})
+    check_float(x, "x")
+    for name, t in others.items():
+        check_float(t, name)
     if x.dim() == 0 or x.shape[-1] < 1:
         raise ValueError(f"x must have shape (..., D) with D >= 1, got {tuple(x.shape)}")
     D = x.shape[-1]
@@ -213,18 +205,15 @@ def add_layer_norm(x: Tensor, delta: Tensor, weight: Tensor, bias: Optional[Tens
         raise ValueError(f"delta must have x's shape {tuple(x.shape)}, got {tuple(delta.shape)}")
     if weight.shape != (D,):
         raise ValueError(f"weight must have shape (D,) = ({D},) (x's last dim), got {tuple(weight.shape)}")
-    if bias is not None:
-        _check_float(bias, "bias")
-        if bias.shape != (D,):
-            raise ValueError(f"bias must have shape (D,) = ({D},) (x's last dim), got {tuple(bias.shape)}")
-    for name, t in (("delta", delta), ("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} must be on {x.device} like x, got {t.device}")
+    if bias is not None and bias.shape != (D,):
+        raise ValueError(f"bias must have shape (D,) = ({D},) (x's last dim), got {tuple(bias.shape)}")
+    for name, t in others.items():
+        check_device(t, name, x, "x")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     if not 0 < eps < float("inf"):
         raise ValueError(f"eps must be a finite float > 0, got {eps}")
-    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be None or one of float32, float16, bfloat16, float64, got {out_dtype!r}")
     eager = not torch.compiler.is_compiling() and _kernels(x, torch.promote_types(x.dtype, delta.dtype)) is not None
     op = _AddLayerNormEager.apply if eager else torch.ops.mae_fast.add_layer_norm

@@ -11,21 +11,18 @@ Ops (torch.library custom ops with fake implementations):
   mae_fast::attention(qkv, heads) -> (out, lse)           with autograd (qkv)
   mae_fast::attention_backward(grad_out, qkv, out, lse, heads) -> grad_qkv
 lse (B * heads, N) fp32 (fp64 on the float64 path) is the rows' log2-sum-exp of the scaled scores,
-saved for the backward. Dispatch as in mae_fast/ops/patchify.py: Triton on CUDA, Triton
+saved for the backward. Dispatch as every Triton op (mae_fast/ops/_common.py): Triton on CUDA, Triton
 interpreted on CPU with TRITON_INTERPRET=1, a PyTorch fallback otherwise, always for float64 and
 head dims above kernels.attention.MAX_HEAD_DIM.
 """
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 from torch import Tensor
 
-from .patchify import compute_dtype, triton_kernels
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from ._common import check_float, compute_dtype, int_arg, triton_kernels
 
 
 def _kernels(qkv: Tensor, heads: int):
@@ -152,16 +149,8 @@ def attention(qkv: Tensor, num_heads: int) -> Tensor:
     qkv; the gradient is deterministic (no atomics). Softmax statistics and accumulation are fp32,
     the probabilities are rounded to qkv's dtype before the value product, as in FlashAttention.
     """
-    if not isinstance(qkv, Tensor):
-        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
-    if qkv.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"qkv must be float32, float16, bfloat16 or float64, got {qkv.dtype}")
-    if isinstance(num_heads, bool):
-        raise TypeError("num_heads must be an int, got bool")
-    try:
-        heads = operator.index(num_heads)
-    except TypeError:
-        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}") from None
+    check_float(qkv, "qkv")
+    heads = int_arg(num_heads, "num_heads")
     if heads < 1:
         raise ValueError(f"num_heads must be >= 1, got {heads}")
     if qkv.dim() != 3 or qkv.shape[-1] == 0 or qkv.shape[-1] % (3 * heads):

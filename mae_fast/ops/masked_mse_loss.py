@@ -6,8 +6,9 @@ Ops (torch.library custom ops with fake implementations):
   mae_fast::masked_mse_loss_backward(grad, pred, imgs, mask?, ids?, denom, ph, pw, norm_pix) -> grad_pred
 
 denom is the fp32 normaliser (P * mask.sum() or B * M * P), returned so the backward needs no
-second reduction. Dispatch as in mae_fast/ops/patchify.py: Triton on CUDA, Triton interpreted on
-CPU with TRITON_INTERPRET=1, a vectorised PyTorch fallback otherwise (and always for float64).
+second reduction. Dispatch as every Triton op (mae_fast/ops/_common.py): Triton on CUDA, Triton
+interpreted on CPU with TRITON_INTERPRET=1, a vectorised PyTorch fallback otherwise (and always for
+float64).
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .patchify import (check_ids, check_ids_values, check_imgs, check_norm_pix, compute_dtype, gather_rows,
-                       norm_pix_torch, patchify_torch, triton_kernels)
+from ._common import (check_device, check_ids, check_ids_values, check_imgs, check_norm_pix, check_tensor,
+                      compute_dtype, gather_rows, triton_kernels)
+from .patchify import norm_pix_torch, patchify_torch
 
 
 def _loss_dtype(pred: Tensor, imgs: Tensor, mask: Optional[Tensor]) -> torch.dtype:
@@ -131,6 +133,44 @@ _masked_mse_loss_op.register_autograd(_backward, setup_context=_setup)
 
 # ----------------------------------------------------------------------------- public API
 
+def _check_args(pred, imgs, patch_size, mask, ids, norm_pix):
+    """The public function's argument checks; returns (ph, pw, mask as a float tensor or None)."""
+    ph, pw = check_imgs(imgs, patch_size)
+    B, C, H, W = imgs.shape
+    L, P = (H // ph) * (W // pw), ph * pw * C
+    check_tensor(pred, "pred")
+    if not pred.is_floating_point():
+        raise TypeError(f"pred must be a floating-point tensor, got {pred.dtype}")
+    if pred.dim() != 3:
+        raise ValueError(f"pred must be 3-D (B, rows, P), got shape {tuple(pred.shape)}")
+    if pred.shape[2] != P:
+        raise ValueError(f"pred's last dim must be ph*pw*C = {ph}*{pw}*{C} = {P}, got {pred.shape[2]}")
+    check_device(pred, "pred", imgs, "imgs")
+    check_norm_pix(norm_pix, P)
+    if B == 0:
+        raise ValueError("imgs has an empty batch (B=0): the loss would be 0 / 0")
+    if (mask is None) == (ids is None):
+        raise ValueError("pass exactly one of mask= (official loss) or ids= (vit-pytorch loss), got "
+                         + ("both" if mask is not None else "neither"))
+    if mask is not None:
+        check_tensor(mask, "mask")
+        if not (mask.is_floating_point() or mask.dtype == torch.bool):
+            raise TypeError(f"mask must be a float (or bool) tensor, 1 = removed, got {mask.dtype}")
+        if tuple(mask.shape) != (B, L):
+            raise ValueError(f"mask must have shape (B={B}, L={L}), got {tuple(mask.shape)}")
+        check_device(mask, "mask", imgs, "imgs")
+        if tuple(pred.shape[:2]) != (B, L):
+            raise ValueError(f"with mask, pred must have shape (B={B}, L={L}, P={P}), got {tuple(pred.shape)}")
+        if mask.dtype == torch.bool:
+            mask = mask.to(torch.promote_types(pred.dtype, imgs.dtype))
+    else:
+        check_ids(ids, imgs, L)
+        if tuple(pred.shape[:2]) != (B, ids.shape[1]):
+            raise ValueError(f"with ids, pred must have shape (B={B}, M={ids.shape[1]}, P={P}), "
+                             f"got {tuple(pred.shape)}")
+    return ph, pw, mask
+
+
 def masked_mse_loss(pred: Tensor, imgs: Tensor, patch_size, *, mask: Optional[Tensor] = None,
                     ids: Optional[Tensor] = None, norm_pix: bool = False, validate: bool = False) -> Tensor:
     """MAE reconstruction loss over the removed patches only; targets computed from imgs on the fly.
@@ -138,7 +178,7 @@ def masked_mse_loss(pred: Tensor, imgs: Tensor, patch_size, *, mask: Optional[Te
     Pass exactly one of
       mask (B, L) float (or bool), 1 = removed, with pred (B, L, P): the official loss
           sum_{b,l} mask * mean_f (pred - t)^2 / mask.sum()
-      ids (B, M) int32/int64 removed patch indices, with pred (B, M, P): the seed loss
+      ids (B, M) int32/int64 removed patch indices, with pred (B, M, P): the vit-pytorch loss
           F.mse_loss(pred, target rows ids)
     where P = ph*pw*C, t = patchify(imgs) ((p, q, c) order), and with norm_pix each target row is
     (t - mean) / sqrt(var + 1e-6), unbiased var (norm_pix_loss). No (B, L, P) target tensor is
@@ -154,43 +194,7 @@ def masked_mse_loss(pred: Tensor, imgs: Tensor, patch_size, *, mask: Optional[Te
     Rows with mask 0 are not read, so non-finite pred values there do not reach the loss (the
     reference would propagate a NaN through 0 * NaN).
     """
-    ph, pw = check_imgs(imgs, patch_size)
-    B, C, H, W = imgs.shape
-    L, P = (H // ph) * (W // pw), ph * pw * C
-    if not isinstance(pred, Tensor):
-        raise TypeError(f"pred must be a torch.Tensor, got {type(pred).__name__}")
-    if not pred.is_floating_point():
-        raise TypeError(f"pred must be a floating-point tensor, got {pred.dtype}")
-    if pred.dim() != 3:
-        raise ValueError(f"pred must be 3-D (B, rows, P), got shape {tuple(pred.shape)}")
-    if pred.shape[2] != P:
-        raise ValueError(f"pred's last dim must be ph*pw*C = {ph}*{pw}*{C} = {P}, got {pred.shape[2]}")
-    if pred.device != imgs.device:
-        raise ValueError(f"pred must be on {imgs.device} like imgs, got {pred.device}")
-    check_norm_pix(norm_pix, P)
-    if B == 0:
-        raise ValueError("imgs has an empty batch (B=0): the loss would be 0 / 0")
-    if (mask is None) == (ids is None):
-        raise ValueError("pass exactly one of mask= (official loss) or ids= (seed loss), got "
-                         + ("both" if mask is not None else "neither"))
-    if mask is not None:
-        if not isinstance(mask, Tensor):
-            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-        if not (mask.is_floating_point() or mask.dtype == torch.bool):
-            raise TypeError(f"mask must be a float (or bool) tensor, 1 = removed, got {mask.dtype}")
-        if tuple(mask.shape) != (B, L):
-            raise ValueError(f"mask must have shape (B={B}, L={L}), got {tuple(mask.shape)}")
-        if mask.device != imgs.device:
-            raise ValueError(f"mask must be on {imgs.device} like imgs, got {mask.device}")
-        if tuple(pred.shape[:2]) != (B, L):
-            raise ValueError(f"with mask, pred must have shape (B={B}, L={L}, P={P}), got {tuple(pred.shape)}")
-        if mask.dtype == torch.bool:
-            mask = mask.to(torch.promote_types(pred.dtype, imgs.dtype))
-    else:
-        check_ids(ids, imgs, L)
-        if tuple(pred.shape[:2]) != (B, ids.shape[1]):
-            raise ValueError(f"with ids, pred must have shape (B={B}, M={ids.shape[1]}, P={P}), "
-                             f"got {tuple(pred.shape)}")
+    ph, pw, mask = _check_args(pred, imgs, patch_size, mask, ids, norm_pix)
     loss, _ = torch.ops.mae_fast.masked_mse_loss(pred, imgs, mask, ids, ph, pw, bool(norm_pix), bool(validate))
     return loss
 

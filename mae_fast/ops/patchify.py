@@ -5,13 +5,10 @@ Ops (torch.library custom ops, each with a fake implementation; the first three 
   mae_fast::unpatchify(x, ph, pw, H, W)                        -> (B, C, H, W)
   mae_fast::patchify_gather(imgs, ids, ph, pw, norm_pix, validate)  -> (B, K, P)
   mae_fast::patchify_gather_backward(grad, imgs, ids?, ph, pw, norm_pix) -> like imgs
-with P = ph * pw * C, L = (H / ph) * (W / pw), features in (p, q, c) order (DESIGN.md section 4).
+with P = ph * pw * C, L = (H / ph) * (W / pw), features in (p, q, c) order (docs/design.md).
 
-Dispatch, inside each op: CUDA tensors run the Triton kernels of mae_fast.kernels.patchify;
-CPU tensors run the same kernels under the Triton interpreter when TRITON_INTERPRET=1 (and the
-kernels were imported with it) and a vectorised PyTorch fallback otherwise. float64 always takes
-the fallback (exact, used by gradcheck). Triton is imported on first use only, so importing
-mae_fast neither needs Triton nor touches CUDA.
+Dispatch (mae_fast/ops/_common.py): the Triton kernels of mae_fast.kernels.patchify on CUDA, and on
+CPU under TRITON_INTERPRET=1; a vectorised PyTorch fallback otherwise and always for float64.
 
 Validation: shapes, dtypes and devices are checked in the public functions (no tensor values, so
 torch.compile traces them without graph breaks). Index ranges are value checks: on CPU they always
@@ -21,117 +18,13 @@ NaN rows for them and the backward drops them.
 """
 from __future__ import annotations
 
-import importlib
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-NORM_PIX_EPS = 1e-6
-_INDEX_DTYPES = (torch.int32, torch.int64)
-
-# ----------------------------------------------------------------------------- dispatch helpers
-
-_KERNEL_MODULES: dict = {}
-
-
-def _load_kernels(name: str):
-    """mae_fast.kernels.<name>, imported on first use; None when Triton is unavailable."""
-    if name not in _KERNEL_MODULES:
-        try:
-            _KERNEL_MODULES[name] = importlib.import_module(f"mae_fast.kernels.{name}")
-        except ImportError:
-            _KERNEL_MODULES[name] = None
-    return _KERNEL_MODULES[name]
-
-
-def _is_interpreted(mod) -> bool:
-    kernel = next(v for k, v in vars(mod).items() if k.endswith("_kernel"))
-    return type(kernel).__name__ == "InterpretedFunction"
-
-
-def triton_kernels(name: str, t: Tensor):
-    """The kernel module to run for tensor t, or None for the PyTorch fallback."""
-    if t.dtype == torch.float64:
-        return None
-    if t.device.type == "cuda":
-        return _load_kernels(name)
-    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        mod = _load_kernels(name)
-        if mod is not None and _is_interpreted(mod):
-            return mod
-    return None
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# ----------------------------------------------------------------------------- validation
-
-def pair_arg(value, name: str) -> tuple[int, int]:
-    """int or (int, int) of positive ints -> (a, b); TypeError / ValueError naming `name`."""
-    vals = tuple(value) if isinstance(value, (tuple, list, torch.Size)) else (value, value)
-    if len(vals) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(vals) < 1:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    return vals
-
-
-def check_imgs(imgs, patch_size, name: str = "imgs") -> tuple[int, int]:
-    """Checks a (B, C, H, W) floating image against patch_size; returns (ph, pw)."""
-    ph, pw = pair_arg(patch_size, "patch_size")
-    if not isinstance(imgs, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(imgs).__name__}")
-    if imgs.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(imgs.shape)}")
-    if not imgs.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), "
-                        f"got {imgs.dtype}")
-    _, _, H, W = imgs.shape
-    if H % ph:
-        raise ValueError(f"{name} height H={H} must be a multiple of patch_size ph={ph}")
-    if W % pw:
-        raise ValueError(f"{name} width W={W} must be a multiple of patch_size pw={pw}")
-    return ph, pw
-
-
-def check_norm_pix(norm_pix: bool, P: int) -> None:
-    if norm_pix and P < 2:
-        raise ValueError(f"norm_pix needs ph*pw*C >= 2 values per patch (unbiased variance), got P={P}")
-
-
-def check_ids(ids, imgs: Tensor, L: int, name: str = "ids", rows: Optional[int] = None) -> None:
-    """Metadata checks of a (B, K) index tensor (its values are checked by check_ids_values)."""
-    if not isinstance(ids, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of int32 or int64, got {type(ids).__name__}")
-    if ids.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"{name} must have dtype int32 or int64, got {ids.dtype}")
-    B = imgs.shape[0]
-    if ids.dim() != 2 or ids.shape[0] != B:
-        raise ValueError(f"{name} must have shape (B={B}, K) with 1 <= K <= L={L}, got {tuple(ids.shape)}")
-    if not 1 <= ids.shape[1] <= L:
-        raise ValueError(f"{name} must have shape (B={B}, K) with 1 <= K <= L={L}, got {tuple(ids.shape)}")
-    if rows is not None and ids.shape[1] != rows:
-        raise ValueError(f"{name} must have shape (B={B}, M={rows}), got {tuple(ids.shape)}")
-    if ids.device != imgs.device:
-        raise ValueError(f"{name} must be on {imgs.device} like imgs, got {ids.device}")
-
-
-def check_ids_values(ids: Tensor, L: int, validate: bool, name: str = "ids") -> None:
-    """Range check [0, L) and distinct ids per row (the backward needs them distinct). Runs on CPU
-    tensors always (no sync there) and on CUDA only when validate=True (it syncs the host)."""
-    if ids.device.type != "cpu" and not validate:
-        return
-    if ids.numel() and bool(((ids < 0) | (ids >= L)).any()):
-        raise ValueError(f"{name} must be patch indices in [0, L={L}), got values in "
-                         f"[{int(ids.min())}, {int(ids.max())}]")
-    if ids.numel() and ids.shape[1] > 1:
-        s = ids.sort(dim=1).values
-        if bool((s[:, 1:] == s[:, :-1]).any()):
-            raise ValueError(f"{name} must be distinct within each row (a subset of a permutation)")
+from ._common import (NORM_PIX_EPS, check_ids, check_ids_values, check_imgs, check_norm_pix, check_tensor,
+                      compute_dtype, gather_rows, pair_arg, triton_kernels)
 
 
 # ----------------------------------------------------------------------------- PyTorch fallback
@@ -171,10 +64,6 @@ def norm_pix_backward_torch(g: Tensor, x: Tensor, eps: float = NORM_PIX_EPS) -> 
     rstd = ((d * d).sum(dim=-1, keepdim=True) / (P - 1) + eps).rsqrt()
     y = d * rstd
     return rstd * (g - g.mean(dim=-1, keepdim=True) - y * (g * y).sum(dim=-1, keepdim=True) / (P - 1))
-
-
-def gather_rows(x: Tensor, ids: Tensor) -> Tensor:
-    return torch.gather(x, 1, ids.long().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def patchify_gather_torch(imgs: Tensor, ids: Tensor, ph: int, pw: int, norm_pix: bool) -> Tensor:
@@ -330,8 +219,7 @@ def unpatchify(x: Tensor, patch_size, image_size) -> Tensor:
     Differentiable (its backward is patchify). The result is contiguous."""
     ph, pw = pair_arg(patch_size, "patch_size")
     H, W = pair_arg(image_size, "image_size")
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor(x, "x")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if H % ph or W % pw:

@@ -34,16 +34,12 @@ mae_fast.info` says why the extension is missing.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 
-from .. import _ext
+from ._common import (INDEX_DTYPES, check_device, check_float, check_tensor, compute_dtype, gather_rows,
+                      has_kernel, int_arg)
 
 __all__ = ["gather_tokens", "unshuffle_tokens"]
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_INDEX_DTYPES = (torch.int32, torch.int64)
 
 _lib = torch.library.Library("mae_fast", "FRAGMENT")  # kept alive: it owns the registrations
 _lib.define("tokens_gather(Tensor x, Tensor ids, bool validate=False) -> Tensor")
@@ -53,10 +49,6 @@ _lib.define("tokens_unshuffle_bwd(Tensor grad_out, Tensor inv, int num_prefix, S
             "bool need_pos) -> (Tensor, Tensor, Tensor)")
 
 OPS = ("tokens_gather", "tokens_invert", "tokens_unshuffle", "tokens_unshuffle_bwd")
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------- PyTorch fallback
@@ -79,7 +71,7 @@ def _check_ids_data(ids: torch.Tensor, num_rows: int, name: str) -> None:
 def _gather_fallback(x, ids, validate=False):
     if validate or x.device.type == "cpu":
         _check_ids_data(ids, x.shape[1], "ids")
-    return torch.gather(x, 1, ids.long().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return gather_rows(x, ids)
 
 
 def _invert_fallback(ids, num_rows, validate=False):
@@ -93,7 +85,7 @@ def _invert_fallback(ids, num_rows, validate=False):
 
 def _unshuffle_fallback(visible, inv, mask_token, pos, num_prefix):
     B, _, D = visible.shape
-    P, acc = num_prefix, _acc_dtype(visible.dtype)
+    P, acc = num_prefix, compute_dtype(visible.dtype)
     K = visible.shape[1] - P
     fill = visible.new_zeros(D, dtype=acc) if mask_token is None else mask_token.reshape(D).to(acc)
     # Row K of `rows` is the mask token: removed slots (inv = -1) pull it.
@@ -108,7 +100,7 @@ def _unshuffle_fallback(visible, inv, mask_token, pos, num_prefix):
 
 def _unshuffle_bwd_fallback(grad_out, inv, num_prefix, num_keep, need_mask, need_pos):
     B, S, D = grad_out.shape
-    P, K, acc = num_prefix, num_keep, _acc_dtype(grad_out.dtype)
+    P, K, acc = num_prefix, num_keep, compute_dtype(grad_out.dtype)
     body = grad_out[:, P:]
     kept = inv >= 0
     # Slots of the visible rows k = 0..K-1, in k order (removed slots sort last).
@@ -131,7 +123,7 @@ FALLBACKS = {
 
 for _op, _fn in FALLBACKS.items():
     for _device, _key in (("cpu", "CPU"), ("cuda", "CUDA")):
-        if not _ext.has_kernel(_op, _device):
+        if not has_kernel(_op, _device):
             _lib.impl(_op, _fn, _key)
 
 
@@ -155,7 +147,7 @@ def _unshuffle_fake(visible, inv, mask_token, pos, num_prefix):
 @torch.library.register_fake("mae_fast::tokens_unshuffle_bwd")
 def _unshuffle_bwd_fake(grad_out, inv, num_prefix, num_keep, need_mask, need_pos):
     B, S, D = grad_out.shape
-    acc = _acc_dtype(grad_out.dtype)
+    acc = compute_dtype(grad_out.dtype)
     return (grad_out.new_empty(B, num_prefix + num_keep, D),
             grad_out.new_empty(D if need_mask else 0, dtype=acc),
             grad_out.new_empty(S if need_pos else 0, D, dtype=acc))
@@ -218,37 +210,13 @@ torch.library.register_autograd("mae_fast::tokens_unshuffle_bwd", _unshuffle_bwd
 
 # ----------------------------------------------------------------------------- public functions
 
-def _check_tensor(t, name):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
-def _check_float(t, name):
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
-
-
 def _check_index(ids, name, B, K, K_name):
-    _check_tensor(ids, name)
-    if ids.dtype not in _INDEX_DTYPES:
+    check_tensor(ids, name)
+    if ids.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must be int32 or int64, got {ids.dtype}")
     if ids.dim() != 2 or ids.shape[0] != B or (K is not None and ids.shape[1] != K):
         want = f"({B}, {K})" if K is not None else f"({B}, K)"
         raise ValueError(f"{name} must have shape {want}{K_name}, got {tuple(ids.shape)}")
-
-
-def _check_device(ref, t, name):
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but the tokens are on {ref.device}")
-
-
-def _as_int(v, name):
-    if isinstance(v, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        return operator.index(v)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}") from None
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor, *, validate: bool = False) -> torch.Tensor:
@@ -258,12 +226,11 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor, *, validate: bool = False)
     scatters into a fresh zero (B, L, D) in one pass). validate=True checks ids on the host first
     (a synchronisation on CUDA; CPU always checks).
     """
-    _check_tensor(x, "x")
+    check_float(x, "x")
     if x.dim() != 3:
         raise ValueError(f"x must have shape (B, L, D), got {tuple(x.shape)}")
-    _check_float(x, "x")
     _check_index(ids, "ids", x.shape[0], None, "")
-    _check_device(x, ids, "ids")
+    check_device(ids, "ids", x, "x")
     return torch.ops.mae_fast.tokens_gather(x, ids, bool(validate))
 
 
@@ -280,33 +247,30 @@ def unshuffle_tokens(visible: torch.Tensor, ids_keep: torch.Tensor, num_patches:
 
     out (B, num_prefix + num_patches, D): out[b, num_prefix + ids_keep[b, k]] = visible[b, num_prefix + k].
     """
-    _check_tensor(visible, "visible")
+    check_float(visible, "visible")
     if visible.dim() != 3:
         raise ValueError(f"visible must have shape (B, num_prefix + K, D), got {tuple(visible.shape)}")
-    _check_float(visible, "visible")
     B, T, D = visible.shape
-    P = _as_int(num_prefix, "num_prefix")
+    P = int_arg(num_prefix, "num_prefix")
     if not 0 <= P <= T:
         raise ValueError(f"num_prefix must be in [0, visible.shape[1] = {T}], got {P}")
     K = T - P
     _check_index(ids_keep, "ids_keep", B, K, f" (K = visible.shape[1] - num_prefix = {T} - {P})")
-    _check_device(visible, ids_keep, "ids_keep")
-    N = _as_int(num_patches, "num_patches")
+    check_device(ids_keep, "ids_keep", visible, "visible")
+    N = int_arg(num_patches, "num_patches")
     if not K <= N < 2**31:
         raise ValueError(f"num_patches must be >= K = {K} (the number of visible tokens) and < 2**31, got {N}")
-    _check_tensor(mask_token, "mask_token")
-    _check_float(mask_token, "mask_token")
+    check_float(mask_token, "mask_token")
     if tuple(mask_token.shape) not in ((D,), (1, D), (1, 1, D)):
         raise ValueError(f"mask_token must have shape ({D},), (1, {D}) or (1, 1, {D}), got {tuple(mask_token.shape)}")
-    _check_device(visible, mask_token, "mask_token")
+    check_device(mask_token, "mask_token", visible, "visible")
     S = P + N
     if pos is not None:
-        _check_tensor(pos, "pos")
-        _check_float(pos, "pos")
+        check_float(pos, "pos")
         if tuple(pos.shape) not in ((S, D), (1, S, D)):
             raise ValueError(f"pos must have shape (num_prefix + num_patches, D) = ({S}, {D}) or (1, {S}, {D}), "
                              f"got {tuple(pos.shape)}")
-        _check_device(visible, pos, "pos")
+        check_device(pos, "pos", visible, "visible")
         pos = pos.reshape(S, D)
     inv = torch.ops.mae_fast.tokens_invert(ids_keep, N, bool(validate))
     return torch.ops.mae_fast.tokens_unshuffle(visible, inv, mask_token.reshape(D), pos, P)

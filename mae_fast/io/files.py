@@ -1,0 +1,202 @@
+"""Reading and writing checkpoint files, safely.
+
+Pickles are always read with `torch.load(..., map_location='cpu', weights_only=True)`: a file that
+would need arbitrary code to unpickle is refused, never run. `.safetensors` files are read and
+written with safetensors. `save_checkpoint` writes atomically (temp file in the same directory,
+fsync, os.replace), so an interrupted save never destroys the previous good checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+
+import torch
+
+__all__ = ["CheckpointError", "read_checkpoint", "read_state_dict", "save_checkpoint"]
+
+# Containers in which training scripts store the model's weights, tried in this order.
+_STATE_DICT_CONTAINERS = ("model", "state_dict", "model_state_dict")
+
+# Prefixes added by DistributedDataParallel / torch.compile wrappers; stripped when every key has one.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file could not be read (corrupt, truncated, unsafe, or of an unknown layout)."""
+
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def _is_safetensors_file(path: str) -> bool:
+    if path.endswith(".safetensors"):
+        return True
+    # safetensors: 8-byte little-endian header length, then a JSON object.
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = os.path.getsize(path)
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return int.from_bytes(head[:8], "little") <= size - 8
+
+
+def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:  # pragma: no cover - safetensors is a test dependency
+        raise ImportError(
+            f"reading {path!r} needs the 'safetensors' package: pip install safetensors") from e
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # SafetensorError, OSError, ...
+        raise CheckpointError(f"cannot read safetensors checkpoint {path!r} (corrupt or truncated?): {e}") from e
+
+
+def _torch_load(path: str):
+    try:
+        # argparse.Namespace is what the official main_pretrain.py stores under 'args'.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        lines = [ln.strip() for ln in msg.splitlines() if "global" in ln.lower() and ln.strip()]
+        if lines:  # a pickle that names a global (a class or function) outside the allow-list
+            raise CheckpointError(
+                f"refusing to load {path!r}: it holds objects that torch.load(weights_only=True) does not "
+                f"allow (unpickling it could run arbitrary code). Only tensors, containers, numbers, strings "
+                f"and argparse.Namespace are accepted. Detail: {lines[0]}") from e
+        # anything else (e.g. "Unsupported operand 103") is bytes that are no pickle we can read
+        detail = [ln.strip() for ln in msg.splitlines() if ln.strip().lower().startswith("unsupported")]
+        raise CheckpointError(f"cannot read checkpoint {path!r} (corrupt, truncated or not a PyTorch "
+                              f"checkpoint; nothing in it was run): "
+                              f"{detail[0] if detail else msg.strip().splitlines()[-1] if msg.strip() else 'UnpicklingError'}"
+                              ) from e
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, AttributeError, TypeError,
+            IndexError, KeyError, UnicodeDecodeError) as e:
+        if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            raise
+        raise CheckpointError(f"cannot read checkpoint {path!r} (corrupt or truncated?): "
+                              f"{type(e).__name__}: {e}") from e
+
+
+def _strip_wrapper_prefixes(sd: dict) -> dict:
+    for prefix in _WRAPPER_PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _extract_state_dict(obj, where: str) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint object ({'model': sd}, {'state_dict': sd} or sd)."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{where}: expected a dict, got {type(obj).__name__}")
+    for name in _STATE_DICT_CONTAINERS:
+        inner = obj.get(name)
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            obj = inner
+            break
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad or not obj:
+        raise CheckpointError(
+            f"{where}: no state dict found: expected {{'model': state_dict}} or a flat dict of tensors; "
+            f"top-level keys are {sorted(map(str, obj.keys()))[:12]}")
+    return _strip_wrapper_prefixes(dict(obj))
+
+
+def read_checkpoint(path) -> dict:
+    """The whole checkpoint object of a file (e.g. {'model', 'optimizer', 'epoch', 'scaler', 'args'}),
+    read safely (weights_only=True; safetensors files give their flat tensor dict). Missing file:
+    FileNotFoundError; corrupt, truncated or code-carrying file: CheckpointError naming the path."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"expected a checkpoint path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path!r}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"{path!r} is a directory; pass a checkpoint file (for a Hugging Face save_pretrained folder "
+            f"use MaskedAutoencoderViT.from_hf / mae_fast.io.hf.from_hf)")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"cannot read checkpoint {path!r}: the file is empty (0 bytes; an interrupted copy?)")
+    obj = _load_safetensors(path) if _is_safetensors_file(path) else _torch_load(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path!r}: expected a dict checkpoint, got {type(obj).__name__}")
+    return obj
+
+
+def read_state_dict(path_or_state) -> dict[str, torch.Tensor]:
+    """The raw state dict of a checkpoint file or object, keys as stored (wrapper prefixes removed)."""
+    if isinstance(path_or_state, Mapping):
+        return _extract_state_dict(path_or_state, "state dict argument")
+    if not isinstance(path_or_state, (str, os.PathLike)):
+        raise TypeError(f"expected a path or a state dict, got {type(path_or_state).__name__}")
+    return _extract_state_dict(read_checkpoint(path_or_state), repr(os.fspath(path_or_state)))
+
+
+# ----------------------------------------------------------------------------- saving
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """Atomically write `state` (e.g. {'model': sd, 'optimizer': ..., 'epoch': e}) to path.
+
+    The data goes to a temp file in the same directory, is flushed and fsync'ed, then os.replace'd
+    over path, so a crash or error mid-write leaves the previous file intact. A path ending in
+    `.safetensors` is written with safetensors (state must then be a flat dict of tensors, or
+    {'model': sd} with nothing else)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"directory of checkpoint {path!r} does not exist")
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    use_safetensors = path.endswith(".safetensors")
+    if use_safetensors:
+        try:
+            from safetensors.torch import save as st_save
+        except ImportError as e:  # pragma: no cover
+            raise ImportError(f"writing {path!r} needs the 'safetensors' package: pip install safetensors") from e
+        tensors = state["model"] if set(state) == {"model"} else state
+        bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise ValueError(f"a .safetensors file holds tensors only; non-tensor entries: {bad[:8]}")
+        payload = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if use_safetensors:
+                f.write(payload)
+            else:
+                torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)

@@ -1,0 +1,217 @@
+"""Transformer building blocks on F.scaled_dot_product_attention (flash / cuDNN on CUDA), or on
+mae_fast's own attention kernels (mae_fast.ops.attention) with set_attention_backend("triton").
+
+The fused qkv projection is viewed as (B, N, 3, heads, d) and permuted, never copied: SDPA takes
+q, k, v with a unit last stride, and the flash kernel's output transposes back to (B, N, D) as a
+view.
+
+Stacks of pre-norm blocks run through `run_blocks`. With set_fused_add_norm(True), every residual
+add is fused with the LayerNorm that reads its result (mae_fast.ops.add_layer_norm), one memory
+pass instead of add, norm and autocast's cast. The state-dict keys stay timm's.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as mm
+
+from ..ops._common import load_kernels, triton_kernels
+from ..ops.add_layer_norm import add_layer_norm
+from ..ops.attention import _kernels as _attention_kernels
+from ..ops.attention import attention as fused_attention
+
+ATTENTION_BACKENDS = ("sdpa", "triton")
+
+
+def _check_backend(name, source: str) -> str:
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(map(repr, ATTENTION_BACKENDS))}, got {name!r}")
+    return name
+
+
+def _set(name: str) -> str:
+    if name == "triton":  # import the kernels now: under torch.compile attend may not import them
+        load_kernels("attention")
+    return name
+
+
+_attention_backend = _set(_check_backend(os.environ.get("MAE_FAST_ATTENTION", "sdpa"), "MAE_FAST_ATTENTION"))
+
+
+def _check_flag(value: str, source: str) -> bool:
+    if value not in ("0", "1"):
+        raise ValueError(f"{source} must be '0' or '1', got {value!r}")
+    return value == "1"
+
+
+_fused_add_norm = _check_flag(os.environ.get("MAE_FAST_FUSED_ADD_NORM", "0"), "MAE_FAST_FUSED_ADD_NORM")
+
+
+def set_fused_add_norm(enabled: bool) -> None:
+    """Whether eager blocks fuse each residual add with the LayerNorm after it (one Triton kernel,
+    mae_fast.ops.add_layer_norm, where it runs: CUDA, or the Triton interpreter). Off by default:
+    on an H200 the eager ViT-B/L steps are host-bound, and the fused op's Python autograd.Function
+    and Triton launches cost more host time than torch's add and layer_norm (its forward + backward
+    took 3.1x theirs at the ViT-B encoder's size). It saves GPU time (the ViT-B decoder's forward:
+    90 us instead of 253), so turn it on where the GPU is the bottleneck. Under torch.compile it
+    never runs: inductor fuses add and norm itself. MAE_FAST_FUSED_ADD_NORM=1 sets the initial
+    value. Global, read at each call."""
+    global _fused_add_norm
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _fused_add_norm = enabled
+
+
+def fused_add_norm() -> bool:
+    return _fused_add_norm
+
+
+def set_attention_backend(name: str) -> None:
+    """Which attention the blocks run: "sdpa" (the default: F.scaled_dot_product_attention, cuDNN or
+    flash on CUDA) or "triton" (mae_fast.ops.attention: no head split/merge copies in either
+    direction; where its kernels run, i.e. CUDA or the Triton interpreter, without dropout; SDPA
+    elsewhere). The environment variable MAE_FAST_ATTENTION sets the initial value. Global, read
+    at each call (torch.compile guards on it and recompiles after a change)."""
+    global _attention_backend
+    _attention_backend = _set(_check_backend(name, "name"))
+
+
+def attention_backend() -> str:
+    return _attention_backend
+
+
+class _SplitHeads(torch.autograd.Function):
+    """The views of split_heads, with a backward that writes the three head gradients straight into
+    one (B, N, 3, heads, d) buffer: one pass. Autograd's own backward of the three selects
+    zero-fills a full-size gradient per select, sums the three and then makes the permuted sum
+    contiguous for the qkv Linear: about 6x the memory traffic (on an H200 profile of the ViT-B
+    step, copy/cast kernels were a quarter of the kernel time). Bitwise the same gradient."""
+
+    @staticmethod
+    def forward(ctx, qkv, heads):
+        B, N, three_inner = qkv.shape
+        x = qkv.view(B, N, 3, heads, three_inner // (3 * heads)).permute(2, 0, 3, 1, 4)
+        return x[0], x[1], x[2]
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        B, H, N, d = gq.shape
+        grad = gq.new_empty(B, N, 3, H, d)
+        for i, g in enumerate((gq, gk, gv)):
+            grad[:, :, i].copy_(g.transpose(1, 2))
+        return grad.view(B, N, 3 * H * d), None
+
+
+def split_heads(qkv: torch.Tensor, heads: int):
+    """(B, N, 3 * heads * d) -> three (B, heads, N, d) views."""
+    return _SplitHeads.apply(qkv, heads)
+
+
+def attend(qkv: torch.Tensor, heads: int, dropout_p: float = 0.0) -> torch.Tensor:
+    """Multi-head self-attention of a fused qkv projection: (B, N, 3*inner) -> (B, N, inner)."""
+    if _attention_backend == "triton" and not dropout_p and _attention_kernels(qkv, heads) is not None:
+        return fused_attention(qkv, heads)
+    return attend_sdpa(qkv, heads, dropout_p)
+
+
+def attend_sdpa(qkv: torch.Tensor, heads: int, dropout_p: float = 0.0) -> torch.Tensor:
+    """attend on F.scaled_dot_product_attention, whatever the backend setting."""
+    q, k, v = split_heads(qkv, heads)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    B, _, N, d = out.shape
+    return out.transpose(1, 2).reshape(B, N, heads * d)
+
+
+class Attention(nn.Module):
+    """timm's Attention (qkv, proj keys) on SDPA."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.proj(attend(self.qkv(x), self.num_heads))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """timm's pre-norm ViT block (the official MAE's), with the same state-dict keys."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        return _fused_blocks([self], x)
+
+
+def has_hooks(m: nn.Module) -> bool:
+    """Whether calling m runs more than m.forward: its own or global module hooks (FSDP's unshard,
+    a feature extractor's tap, a full backward hook)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or mm._global_forward_hooks or mm._global_forward_pre_hooks or mm._global_backward_hooks
+                or mm._global_backward_pre_hooks)
+
+
+def _fuses(x: torch.Tensor, norm: nn.Module) -> bool:
+    """The fused add + LayerNorm runs when set_fused_add_norm(True), where it is a Triton kernel
+    (CUDA; CPU under the interpreter), and not while torch.compile traces: inductor fuses add and
+    norm itself, with their neighbours. A norm with hooks is called as a module, so its hooks run."""
+    return (_fused_add_norm and type(norm) is nn.LayerNorm and norm.weight is not None
+            and len(norm.normalized_shape) == 1 and not has_hooks(norm) and not torch.compiler.is_compiling()
+            and triton_kernels("add_layer_norm", x) is not None)
+
+
+def add_norm(x: torch.Tensor, delta, norm: nn.Module, feeds_linear: bool = True):
+    """(x + delta, norm(x + delta)); delta None: (x, norm(x)). With feeds_linear, under autocast the
+    normed output comes in the autocast dtype, the cast the next Linear would make anyway."""
+    if delta is None or not _fuses(x, norm):
+        x = x if delta is None else x + delta
+        return x, norm(x)
+    out_dtype = None
+    if feeds_linear and torch.is_autocast_enabled(x.device.type):
+        out_dtype = torch.get_autocast_dtype(x.device.type)
+    return add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps, out_dtype=out_dtype)
+
+
+def run_blocks(blocks, x: torch.Tensor, final_norm: nn.Module = None) -> torch.Tensor:
+    """x through pre-norm Blocks, then final_norm (if given), as `blk(x)` in turn computes: each
+    residual add fused with the norm after it, across blocks too. Blocks that are wrapped (activation
+    checkpointing), hooked (FSDP) or given their own forward are called as modules, and fuse inside
+    themselves only."""
+    if all(type(blk) is Block and not has_hooks(blk) and "forward" not in vars(blk) for blk in blocks):
+        return _fused_blocks(blocks, x, final_norm)
+    for blk in blocks:
+        x = blk(x)
+    return x if final_norm is None else final_norm(x)
+
+
+def _fused_blocks(blocks, x: torch.Tensor, final_norm: nn.Module = None) -> torch.Tensor:
+    pending = None  # the last block's MLP output, not yet added to x
+    for blk in blocks:
+        x, h = add_norm(x, pending, blk.norm1)
+        x, h = add_norm(x, blk.attn(h), blk.norm2)
+        pending = blk.mlp(h)
+    if final_norm is not None:
+        return add_norm(x, pending, final_norm, feeds_linear=False)[1]
+    return x if pending is None else x + pending

@@ -1,0 +1,194 @@
+"""What the ops share: dispatch to the compiled extension and the Triton kernels, dtype sets,
+constants and argument checks.
+
+Dispatch: CUDA tensors run the Triton kernels (mae_fast.kernels) and the extension's CUDA kernels;
+CPU tensors run the extension's C++ kernels, and for the Triton ops the very same Triton kernels
+when TRITON_INTERPRET=1 was set before import, a vectorised PyTorch fallback otherwise. float64
+always takes the fallback (exact, used by gradcheck). Nothing here initialises CUDA, and a missing
+extension or Triton only means fallbacks: `python -m mae_fast.info` says why.
+
+Checks look at shapes, dtypes and devices only (no tensor values), so torch.compile traces them
+without graph breaks; every error names the argument and what it must be.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import operator
+import os
+import torch
+from torch import Tensor
+
+from mae_fast.kernels import NORM_PIX_EPS  # noqa: F401 -- the official norm_pix_loss eps, shared with the kernels
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+# ----------------------------------------------------------------------------- the compiled extension
+
+_BUILD_INFO = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_build_info.json")
+
+
+def build_info() -> dict:
+    """What setup.py recorded: mode, backends, cuda_archs, torch, reason."""
+    try:
+        with open(_BUILD_INFO) as f:
+            return json.load(f)
+    except OSError:
+        return {"mode": "unknown", "backends": [], "cuda_archs": "",
+                "reason": "no build record (package not installed through setup.py)"}
+
+
+def _load_extension():
+    """Imports mae_fast._C, which registers its C++/CUDA kernels (loading it initialises no CUDA)."""
+    try:
+        importlib.import_module("mae_fast._C")
+        return True, ""
+    except ImportError as e:
+        info = build_info()
+        reason = info.get("reason") or "extension not built"
+        if info.get("backends"):  # it was built but cannot be loaded here
+            reason = f"built for torch {info.get('torch')} but failed to load: {e}"
+        return False, reason
+
+
+EXTENSION_AVAILABLE, EXTENSION_UNAVAILABLE_REASON = _load_extension()
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether the extension registered a kernel for mae_fast::<op> on 'cpu' or 'cuda'."""
+    if not EXTENSION_AVAILABLE:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"mae_fast::{op}", key)
+
+
+# ----------------------------------------------------------------------------- the Triton kernels
+
+_KERNEL_MODULES: dict = {}
+
+
+def load_kernels(name: str):
+    """mae_fast.kernels.<name>, imported on first use; None when Triton is unavailable."""
+    if name not in _KERNEL_MODULES:
+        try:
+            _KERNEL_MODULES[name] = importlib.import_module(f"mae_fast.kernels.{name}")
+        except ImportError:
+            _KERNEL_MODULES[name] = None
+    return _KERNEL_MODULES[name]
+
+
+def is_interpreted(mod) -> bool:
+    """Whether a kernel module's kernels were decorated under TRITON_INTERPRET=1."""
+    kernel = next(v for k, v in vars(mod).items() if k.endswith("_kernel"))
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def triton_kernels(name: str, t: Tensor):
+    """The kernel module to run for tensor t, or None for the PyTorch fallback."""
+    if t.dtype == torch.float64:
+        return None
+    if t.device.type == "cuda":
+        return load_kernels(name)
+    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        mod = load_kernels(name)
+        if mod is not None and is_interpreted(mod):
+            return mod
+    return None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic and accumulation dtype: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def pair_arg(value, name: str) -> tuple[int, int]:
+    """int or (int, int) of positive ints -> (a, b); TypeError / ValueError naming `name`."""
+    vals = tuple(value) if isinstance(value, (tuple, list, torch.Size)) else (value, value)
+    if len(vals) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(vals) < 1:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return vals
+
+
+def int_arg(value, name: str) -> int:
+    """An int (or an object with __index__), never a bool; TypeError naming `name`."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+def check_tensor(t, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_float(t, name: str) -> None:
+    """A tensor of one of FLOAT_DTYPES."""
+    check_tensor(t, name)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+
+
+def check_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref.device} like {ref_name}, got {t.device}")
+
+
+def check_imgs(imgs, patch_size, name: str = "imgs") -> tuple[int, int]:
+    """Checks a (B, C, H, W) floating image against patch_size; returns (ph, pw)."""
+    ph, pw = pair_arg(patch_size, "patch_size")
+    check_tensor(imgs, name)
+    if imgs.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(imgs.shape)}")
+    if not imgs.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), "
+                        f"got {imgs.dtype}")
+    _, _, H, W = imgs.shape
+    if H % ph:
+        raise ValueError(f"{name} height H={H} must be a multiple of patch_size ph={ph}")
+    if W % pw:
+        raise ValueError(f"{name} width W={W} must be a multiple of patch_size pw={pw}")
+    return ph, pw
+
+
+def check_norm_pix(norm_pix: bool, P: int) -> None:
+    if norm_pix and P < 2:
+        raise ValueError(f"norm_pix needs ph*pw*C >= 2 values per patch (unbiased variance), got P={P}")
+
+
+def check_ids(ids, imgs: Tensor, L: int, name: str = "ids") -> None:
+    """Metadata checks of a (B, K) patch-index tensor (its values are checked by check_ids_values)."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int32 or int64, got {type(ids).__name__}")
+    if ids.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must have dtype int32 or int64, got {ids.dtype}")
+    B = imgs.shape[0]
+    if ids.dim() != 2 or ids.shape[0] != B or not 1 <= ids.shape[1] <= L:
+        raise ValueError(f"{name} must have shape (B={B}, K) with 1 <= K <= L={L}, got {tuple(ids.shape)}")
+    check_device(ids, name, imgs, "imgs")
+
+
+def check_ids_values(ids: Tensor, L: int, validate: bool, name: str = "ids") -> None:
+    """Range check [0, L) and distinct ids per row (the backward needs them distinct). Runs on CPU
+    tensors always (no sync there) and on CUDA only when validate=True (it syncs the host)."""
+    if ids.device.type != "cpu" and not validate:
+        return
+    if ids.numel() and bool(((ids < 0) | (ids >= L)).any()):
+        raise ValueError(f"{name} must be patch indices in [0, L={L}), got values in "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+    if ids.numel() and ids.shape[1] > 1:
+        s = ids.sort(dim=1).values
+        if bool((s[:, 1:] == s[:, :-1]).any()):
+            raise ValueError(f"{name} must be distinct within each row (a subset of a permutation)")
+
+
+def gather_rows(x: Tensor, ids: Tensor) -> Tensor:
+    """out[b, k] = x[b, ids[b, k]] (the PyTorch fallbacks' gather)."""
+    return torch.gather(x, 1, ids.long().unsqueeze(-1).expand(-1, -1, x.shape[-1]))

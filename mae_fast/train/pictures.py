@@ -1,0 +1,79 @@
+"""Pictures: reconstruction grids and the loss curve (matplotlib, headless)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import data as mdata
+from ..ops._common import NORM_PIX_EPS
+
+COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@torch.no_grad()
+def reconstruct(model, imgs, mask_ratio=0.75, seed=0, amp_dtype=None):
+    """(original, masked, reconstruction, pasted) image batches in [0, 1]. With norm_pix_loss the
+    predictions are per-patch normalised, so they are shown with each true patch's mean and std."""
+    was_training = model.training
+    model.eval()
+    noise = torch.rand(imgs.shape[0], model.num_patches, generator=torch.Generator().manual_seed(seed)).to(imgs.device)
+    with torch.autocast(imgs.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        _, pred, mask = model(imgs, mask_ratio, noise)
+    model.train(was_training)
+    pred = pred.float()
+    if model.norm_pix_loss:
+        target = model.patchify(imgs)
+        pred = pred * (target.var(-1, keepdim=True) + NORM_PIX_EPS) ** 0.5 + target.mean(-1, keepdim=True)
+    recon = model.unpatchify(pred)
+    pixel_mask = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]).to(imgs.dtype))
+    out = (imgs, imgs * (1 - pixel_mask), recon, imgs * (1 - pixel_mask) + recon * pixel_mask)
+    return tuple(mdata.denormalize(x.float()).cpu() for x in out)
+
+
+def reconstruction_grid(model, imgs, path, mask_ratio=0.75, seed=0, amp_dtype=None) -> str:
+    """Saves one row per image: original | masked | reconstruction | reconstruction + visible."""
+    columns = reconstruct(model, imgs, mask_ratio, seed, amp_dtype)
+    plt = _pyplot()
+    rows = imgs.shape[0]
+    fig, axes = plt.subplots(rows, 4, figsize=(8, 2 * rows), squeeze=False)
+    for r in range(rows):
+        for c, title in enumerate(COLUMNS):
+            ax = axes[r][c]
+            ax.imshow(columns[c][r].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+    fig.suptitle(f"MAE reconstructions, mask ratio {mask_ratio}", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def loss_curve(history, path) -> str:
+    """history: [(step, loss), ...]."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if history:
+        steps, losses = zip(*history)
+        ax.plot(steps, losses, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("MAE pretraining loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

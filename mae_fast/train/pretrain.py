@@ -1,0 +1,506 @@
+"""`mae-fast pretrain` (also `python -m mae_fast.pretrain`): MAE pretraining with the official recipe.
+
+AdamW (0.9, 0.95), weight decay 0.05 on all but 1-D parameters and biases, lr = blr * eff_batch /
+256, linear warmup then half-cycle cosine per iteration, accum_iter, RandomResizedCrop + flip.
+Runs offline on the embedded sample photos by default; `--data DIR` for an ImageFolder tree. The
+same command under `torchrun --nproc_per_node N` trains with DistributedDataParallel.
+
+Every sample's crop and mask noise is a pure function of (seed, epoch, index), so a resumed run,
+or a run on N processes with the same global batch, sees exactly the same data and masks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from . import data as mdata
+from ..io.checkpoint import save_checkpoint
+from ..models.presets import PRESETS, build_model
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser("mae-fast pretrain", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny", choices=list(PRESETS))
+    p.add_argument("--img-size", type=int, default=None, help="default: the preset's")
+    p.add_argument("--data", default=None, help="ImageFolder tree; default: embedded sample photos")
+    p.add_argument("--samples-per-epoch", type=int, default=None,
+                   help="crops drawn per epoch (default: 2048 for the embedded photos, else one per image)")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--warmup-epochs", type=float, default=2)
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--accum-iter", type=int, default=1)
+    p.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * effective batch / 256")
+    p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the model, in this mode (reduce-overhead: CUDA graphs on GPU)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output-dir", default="runs/mae-demo")
+    p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest in --output-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output-dir that holds an earlier run: deletes its checkpoints and metrics")
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--vis-every", type=int, default=4, help="epochs between reconstruction pictures")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps, at the end of an --accum-iter window (for tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.data is not None and not os.path.isdir(args.data):
+        p.error(f"--data {args.data!r} is not a directory")
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        raise SystemExit(f"--resume: checkpoint not found: {args.resume!r} (or pass 'auto' for the newest in --output-dir)")
+    for name in ("epochs", "batch_size", "accum_iter", "keep_last", "vis_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.mask_ratio < 1:
+        p.error(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+    # 0 must not mean "the default" (they are read with `or`); a silently ignored limit is a bug
+    for name in ("samples_per_epoch", "max_steps", "img_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("warmup_epochs", "blr", "lr", "min_lr", "weight_decay", "num_workers"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            p.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    patch = PRESETS[args.model][1]["patch_size"]
+    if args.img_size is not None and args.img_size % patch:
+        p.error(f"--img-size must be a multiple of the patch size {patch} of --model {args.model}, got {args.img_size}")
+    return args
+
+
+# ----------------------------------------------------------------------------- recipe pieces
+
+def param_groups(model, weight_decay):
+    """The official exemptions: no decay on 1-D parameters and biases (cls/mask tokens decay)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def lr_at(epoch: float, args) -> float:
+    """Linear warmup, then half-cycle cosine down to min_lr; epoch is fractional."""
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class MaskedCrops(torch.utils.data.Dataset):
+    """Crops plus their mask noise, both drawn from one per-sample generator."""
+
+    def __init__(self, crops: mdata.CropDataset, num_patches: int):
+        self.crops, self.num_patches = crops, num_patches
+
+    def __len__(self):
+        return len(self.crops)
+
+    def __getitem__(self, i):
+        gen = torch.Generator().manual_seed((self.crops.seed * 7_919 + self.crops.epoch) * 104_729 + i)
+        return self.crops[i], torch.rand(self.num_patches, generator=gen)
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int, batch: int) -> list[int]:
+    """This rank's sample indices for one epoch (whole global batches only), as DistributedSampler:
+    a seeded permutation split rank::world, so N ranks of batch B see what one rank of N*B sees."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000 + epoch)).tolist()
+    usable = (n // (batch * world)) * batch * world
+    return perm[:usable][rank::world]
+
+
+# ----------------------------------------------------------------------------- setup
+
+def setup_distributed():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend)
+    return rank, world, local
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise SystemExit(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    return device
+
+
+def check_output_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--output-dir {path!r} is not writable: {e}") from e
+
+
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pth")
+# save_checkpoint's temp file: what a save killed before its rename leaves behind
+CHECKPOINT_TEMP = re.compile(r"\.checkpoint-\d+\.pth\..+\.tmp")
+
+
+def remove_interrupted_saves(run_dir: str) -> list[str]:
+    """Deletes the temp files of checkpoint saves that never finished (a kill mid-save); returns them."""
+    stale = [os.path.join(run_dir, f) for f in os.listdir(run_dir) if CHECKPOINT_TEMP.fullmatch(f)]
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
+def step_of(checkpoint: str) -> int:
+    return int(CHECKPOINT_NAME.fullmatch(os.path.basename(checkpoint)).group(1))
+
+
+def checkpoints_in(run_dir: str) -> list[str]:
+    """The run's checkpoint-<step>.pth files, oldest first. Other files (a user's checkpoint-best.pth,
+    the hidden temp files of an interrupted save) are never picked."""
+    names = [f for f in os.listdir(run_dir) if CHECKPOINT_NAME.fullmatch(f)] if os.path.isdir(run_dir) else []
+    return sorted((os.path.join(run_dir, f) for f in names), key=step_of)
+
+
+def build_dataset(args, model, world):
+    size = model.img_size[0]
+    if args.data is None:
+        images = mdata.sample_photos()
+        length = args.samples_per_epoch or 2048
+    else:
+        try:
+            images = mdata.image_folder(args.data)  # file paths: decoded by the loader's workers
+        except (OSError, ValueError) as e:
+            raise SystemExit(str(e)) from e
+        length = args.samples_per_epoch or len(images)
+    if length < args.batch_size * world:
+        raise SystemExit(f"--samples-per-epoch ({length}) must be at least one global batch "
+                         f"({args.batch_size} x {world} processes)")
+    return MaskedCrops(mdata.CropDataset(images, size, length, args.seed), model.num_patches)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(args) -> dict:
+    rank, world, local_rank = setup_distributed()
+    device = pick_device(args.device, local_rank)
+    main_process = rank == 0
+    if main_process:
+        check_output_dir(args.output_dir)
+        for path in remove_interrupted_saves(args.output_dir):
+            print(f"removed {path}: the temp file of a checkpoint save that was interrupted")
+        if not args.resume:
+            start_afresh(args.output_dir, args.overwrite)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, args.img_size, norm_pix_loss=args.norm_pix_loss).to(device)
+    if model.img_size[0] != model.img_size[1]:
+        raise SystemExit("--img-size must describe a square crop")
+    dataset = build_dataset(args, model, world)
+    eff_batch = args.batch_size * args.accum_iter * world
+    args.world_size = world  # saved with the args: a resume checks it
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda")
+
+    start_epoch, start_batch, history = 0, 0, []
+    resume = checkpoints_in(args.output_dir)[-1:] if args.resume == "auto" else [args.resume] if args.resume else []
+    if resume:
+        ckpt = load_resume(resume[0], model, optimizer, scaler, args, world)
+        start_epoch, start_batch = ckpt["next"]["epoch"], ckpt["next"]["batch"]
+        history = list(ckpt.get("history", []))
+        if main_process:
+            print(f"resumed from {resume[0]} at epoch {start_epoch}, batch {start_batch}")
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        net = torch.compile(net, mode=args.compile)
+    elif device.type == "cuda" and main_process and not args.quiet:
+        # measured: an eager step waits on the host (benchmarks/results/nvidia_h200.md)
+        print("eager mode: on an H200, --compile reduce-overhead (CUDA graphs) ran the ViT-B step 1.8x faster")
+
+    run = Run(args, model, optimizer, scaler, history, main_process)
+    stop = {"signal": None}
+    # Ctrl-C and a scheduler's SIGTERM both finish the step, save a checkpoint and exit cleanly
+    previous = {sig: signal.signal(sig, lambda num, _: stop.__setitem__("signal", signal.Signals(num).name))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    steps_per_epoch = len(epoch_order(len(dataset), args.seed, 0, rank, world, args.batch_size)) // args.batch_size
+    total = steps_per_epoch * args.epochs
+    bar = None
+    if main_process and not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start_epoch * steps_per_epoch + start_batch, unit="step", dynamic_ncols=True)
+    step = start_epoch * steps_per_epoch + start_batch
+    stopping = False
+    if resume:
+        run.drop_metrics_after(step)
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            dataset.crops.set_epoch(epoch)
+            order = epoch_order(len(dataset), args.seed, epoch, rank, world, args.batch_size)
+            first = start_batch if epoch == start_epoch else 0
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.Subset(dataset, order[first * args.batch_size:]), batch_size=args.batch_size,
+                num_workers=args.num_workers, drop_last=True)
+            # a window cut short by the epoch's end is dropped, as in the official recipe (and a
+            # checkpoint holds no gradients: every save falls on a window's end)
+            optimizer.zero_grad(set_to_none=True)
+            tic = time.perf_counter()
+            for b, (imgs, noise) in enumerate(loader, start=first):
+                if b % args.accum_iter == 0:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_at(epoch + b / steps_per_epoch, args)
+                imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss, _, _ = net(imgs, args.mask_ratio, noise, return_pred=False)
+                loss_value, signalled = reduce_step(loss.detach(), bool(stop["signal"]), world)
+                stopping = stopping or signalled
+                if not math.isfinite(loss_value) and precision != "fp16":
+                    raise FloatingPointError(
+                        f"loss is {loss_value} at step {step} (epoch {epoch}, batch {b}); stopping. "
+                        f"The last good checkpoint in {args.output_dir} is kept.")
+                # fp16: a non-finite loss makes non-finite gradients, so the GradScaler skips this
+                # optimizer step (the whole accumulation window) and lowers its scale, as it does
+                # for an overflow in the backward. The step still counts: positions, the lr schedule
+                # and checkpoint names stay those of the data, so a resume stays exact.
+                scaler.scale(loss / args.accum_iter).backward()
+                skipped = False
+                if (b + 1) % args.accum_iter == 0:
+                    scale = scaler.get_scale() if scaler.is_enabled() else None
+                    scaler.step(optimizer)
+                    scaler.update()
+                    skipped = scale is not None and scaler.get_scale() < scale
+                    optimizer.zero_grad(set_to_none=True)
+                step += 1
+                elapsed = time.perf_counter() - tic
+                images_per_s = (b + 1 - first) * args.batch_size * world / max(elapsed, 1e-9)
+                run.log(step=step, epoch=epoch, loss=loss_value, lr=optimizer.param_groups[0]["lr"],
+                        images_per_s=images_per_s, **({"skipped": True} if skipped else {}))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch, loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                    img_s=f"{images_per_s:.0f}")
+                at_end = b + 1 == steps_per_epoch
+                window_end = at_end or (b + 1) % args.accum_iter == 0  # a stop waits for it: no gradients lost
+                if window_end and (stopping or (args.max_steps and step >= args.max_steps)):
+                    nxt = {"epoch": epoch + 1, "batch": 0} if at_end else {"epoch": epoch, "batch": b + 1}
+                    run.checkpoint(epoch, nxt, step)
+                    if stopping and main_process:
+                        print(f"\ninterrupted ({stop['signal'] or 'a signal on another rank'}): "
+                              "checkpoint saved; continue with --resume auto")
+                    return run.summary(interrupted=stopping)
+            run.checkpoint(epoch, {"epoch": epoch + 1, "batch": 0}, step)
+            if main_process and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
+                run.pictures(dataset, device, amp_dtype)
+        return run.summary()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if bar is not None:
+            bar.close()
+        if run.tb is not None:
+            run.tb.close()  # flushes: TensorBoard buffers scalars for up to two minutes
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def reduce_step(loss: torch.Tensor, signalled: bool, world: int) -> tuple[float, bool]:
+    """The mean loss over the processes and whether any of them was signalled, in one all_reduce:
+    every rank then stops at the same step (a rank leaving alone would hang the others)."""
+    if world == 1:
+        return loss.item(), signalled
+    both = torch.stack([loss.float(), torch.tensor(float(signalled), device=loss.device)])
+    dist.all_reduce(both)
+    mean_loss, flags = both.tolist()
+    return mean_loss / world, flags > 0
+
+
+# What a resume must keep: the data order, the step count and the schedule depend on them. --epochs
+# may grow (training on; the cosine schedule then stretches to the new end), with a note.
+RESUME_FLAGS = ("model", "img_size", "samples_per_epoch", "warmup_epochs", "batch_size",
+                "accum_iter", "blr", "lr", "min_lr", "mask_ratio", "norm_pix_loss", "seed")
+
+
+def start_afresh(run_dir: str, overwrite: bool) -> None:
+    """A fresh run must not mix with an earlier one in the same folder: its checkpoint pruning would
+    delete the new run's checkpoints (it keeps the highest steps) and --resume auto would pick the
+    old run's. With overwrite, the earlier run's checkpoints and metrics go."""
+    old = checkpoints_in(run_dir)
+    if old and not overwrite:
+        raise SystemExit(f"--output-dir {run_dir} holds the checkpoints of an earlier run ({os.path.basename(old[-1])}): "
+                         "continue it with --resume auto, or start afresh with --overwrite or another --output-dir")
+    for path in old + [os.path.join(run_dir, "metrics.jsonl")]:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def load_resume(path, model, optimizer, scaler, args, world) -> dict:
+    from ..io.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+
+    try:
+        ckpt = read_checkpoint(path)
+    except (OSError, CheckpointError) as e:
+        raise SystemExit(f"--resume: {e}") from e
+    if "next" not in ckpt or "optimizer" not in ckpt:
+        raise SystemExit(f"--resume: {path} is not a mae-fast training checkpoint (no optimizer/position)")
+    saved = ckpt.get("args") or {}
+    saved = saved if isinstance(saved, dict) else vars(saved)
+    for name in RESUME_FLAGS:
+        if name in saved and saved[name] != getattr(args, name):
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"--resume: the run in {path} used {flag} {saved[name]}, this command {getattr(args, name)}; "
+                             f"resume with the run's {flag} (the data order, step count and schedule depend on it)")
+    if ckpt["next"]["epoch"] >= args.epochs:
+        raise SystemExit(f"--resume: the run in {path} has finished its {ckpt['next']['epoch']} epochs; "
+                         "pass a larger --epochs to train on")
+    if saved.get("epochs", args.epochs) != args.epochs:
+        print(f"--epochs {args.epochs} (the run used {saved['epochs']}): the lr schedule now ends at epoch {args.epochs}")
+    if saved.get("world_size", world) != world:
+        raise SystemExit(f"--resume: the run in {path} ran on {saved['world_size']} processes, this one on {world}; "
+                         "the per-process batches and the data order depend on it")
+    named = CHECKPOINT_NAME.fullmatch(os.path.basename(path))
+    later = [c for c in checkpoints_in(args.output_dir) if step_of(c) > step_of(path)] if named else []
+    if later:
+        raise SystemExit(f"--resume: {args.output_dir} holds later checkpoints than {path} ({os.path.basename(later[-1])}): "
+                         "move them away to roll back (the run would prune its own checkpoints in their favour)")
+    try:
+        load_checkpoint(model, ckpt, strict=True)
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"--resume: {path} does not fit --model {model_name(ckpt)} as configured: {e}") from e
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    return ckpt
+
+
+def model_name(ckpt) -> str:
+    args = ckpt.get("args") or {}
+    return (args if isinstance(args, dict) else vars(args)).get("model", "?")
+
+
+class Run:
+    """Rank 0's side effects: metrics file, checkpoints, pictures."""
+
+    def __init__(self, args, model, optimizer, scaler, history, main_process):
+        self.args, self.model, self.optimizer, self.scaler = args, model, optimizer, scaler
+        self.history, self.main = history, main_process
+        self.last_checkpoint, self.last_picture = None, None
+        self.metrics = os.path.join(args.output_dir, "metrics.jsonl")
+        self.tb = None
+        if main_process:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(args.output_dir)
+            except ImportError:
+                pass
+
+    def log(self, **row):
+        if not self.main:
+            return
+        if math.isfinite(row["loss"]):  # fp16 steps the scaler skipped are in metrics.jsonl only
+            self.history.append([row["step"], row["loss"]])
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key in ("loss", "lr", "images_per_s"):
+                self.tb.add_scalar(f"train/{key}", row[key], row["step"])
+
+    def drop_metrics_after(self, step):
+        """A run killed after its last checkpoint logged steps that the resumed run logs again (and a
+        kill mid-write can leave a cut line): keep the rows up to the checkpoint's step only, so
+        metrics.jsonl holds every step once."""
+        if not self.main or not os.path.exists(self.metrics):
+            return
+        with open(self.metrics) as f:
+            lines = f.readlines()
+        keep = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        if len(keep) != len(lines):
+            tmp = self.metrics + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.metrics)
+
+    def checkpoint(self, epoch, nxt, step):
+        if not self.main:
+            return
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch,
+                 "scaler": self.scaler.state_dict(), "args": vars(self.args), "next": nxt,
+                 "history": self.history}
+        path = os.path.join(self.args.output_dir, f"checkpoint-{step}.pth")
+        save_checkpoint(path, state)
+        self.last_checkpoint = path
+        for old in checkpoints_in(self.args.output_dir)[:-self.args.keep_last]:
+            os.remove(old)
+
+    def pictures(self, dataset, device, amp_dtype):
+        from .pictures import loss_curve, reconstruction_grid
+
+        imgs = torch.stack([dataset.crops[i] for i in range(min(6, len(dataset)))]).to(device)
+        self.last_picture = reconstruction_grid(self.model, imgs, os.path.join(self.args.output_dir, "reconstruction.png"),
+                                                mask_ratio=self.args.mask_ratio, seed=self.args.seed, amp_dtype=amp_dtype)
+        loss_curve(self.history, os.path.join(self.args.output_dir, "loss.png"))
+
+    def summary(self, interrupted=False) -> dict:
+        return {"output_dir": self.args.output_dir, "checkpoint": self.last_checkpoint,
+                "reconstruction": self.last_picture, "final_loss": self.history[-1][1] if self.history else None,
+                "interrupted": interrupted}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = train(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"final loss {out['final_loss']:.4f}" if out["final_loss"] is not None else "no steps run")
+        print(f"checkpoint:     {out['checkpoint']}")
+        if out["reconstruction"]:
+            print(f"reconstruction: {out['reconstruction']}")
+            print(f"loss curve:     {os.path.join(args.output_dir, 'loss.png')}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
