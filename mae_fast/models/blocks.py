@@ -5,9 +5,10 @@ The fused qkv projection is viewed as (B, N, 3, heads, d) and permuted, never co
 q, k, v with a unit last stride, and the flash kernel's output transposes back to (B, N, D) as a
 view.
 
-Stacks of pre-norm blocks run through `run_blocks`. With set_fused_add_norm(True), every residual
-add is fused with the LayerNorm that reads its result (mae_fast.ops.add_layer_norm), one memory
-pass instead of add, norm and autocast's cast. The state-dict keys stay timm's.
+Stacks of pre-norm blocks, of either API, run through one residual-stream runner, `run_prenorm`.
+With set_fused_add_norm(True), every residual add is fused with the LayerNorm that reads its result
+(mae_fast.ops.add_layer_norm), one memory pass instead of add, norm and autocast's cast. The
+state-dict keys stay timm's.
 """
 from __future__ import annotations
 
@@ -161,8 +162,12 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
+    def sublayers(self):
+        """(norm, f) pairs of the residual stream: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+        return (self.norm1, self.attn), (self.norm2, self.mlp)
+
     def forward(self, x):
-        return _fused_blocks([self], x)
+        return run_prenorm(x, self.sublayers())
 
 
 def has_hooks(m: nn.Module) -> bool:
@@ -194,24 +199,35 @@ def add_norm(x: torch.Tensor, delta, norm: nn.Module, feeds_linear: bool = True)
     return add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps, out_dtype=out_dtype)
 
 
+def run_prenorm(x: torch.Tensor, sublayers, final_norm: nn.Module = None) -> torch.Tensor:
+    """The residual stream of pre-norm sublayers: for each (norm, f) in turn, x = x + f(norm(x));
+    then final_norm (if given). Each residual add is computed together with the norm that reads
+    its result (add_norm), across blocks too, so it can be fused."""
+    pending = None  # the last sublayer's output, not yet added to x
+    for norm, f in sublayers:
+        x, h = add_norm(x, pending, norm)
+        pending = f(h)
+    if final_norm is not None:
+        return add_norm(x, pending, final_norm, feeds_linear=False)[1]
+    return x if pending is None else x + pending
+
+
 def run_blocks(blocks, x: torch.Tensor, final_norm: nn.Module = None) -> torch.Tensor:
-    """x through pre-norm Blocks, then final_norm (if given), as `blk(x)` in turn computes: each
-    residual add fused with the norm after it, across blocks too. Blocks that are wrapped (activation
-    checkpointing), hooked (FSDP) or given their own forward are called as modules, and fuse inside
-    themselves only."""
+    """x through pre-norm Blocks, then final_norm (if given), as `blk(x)` in turn computes. Blocks
+    that are wrapped (activation checkpointing), hooked (FSDP) or given their own forward are called
+    as modules, and fuse inside themselves only."""
     if all(type(blk) is Block and not has_hooks(blk) and "forward" not in vars(blk) for blk in blocks):
-        return _fused_blocks(blocks, x, final_norm)
+        return run_prenorm(x, (pair for blk in blocks for pair in blk.sublayers()), final_norm)
     for blk in blocks:
         x = blk(x)
     return x if final_norm is None else final_norm(x)
 
 
-def _fused_blocks(blocks, x: torch.Tensor, final_norm: nn.Module = None) -> torch.Tensor:
-    pending = None  # the last block's MLP output, not yet added to x
-    for blk in blocks:
-        x, h = add_norm(x, pending, blk.norm1)
-        x, h = add_norm(x, blk.attn(h), blk.norm2)
-        pending = blk.mlp(h)
-    if final_norm is not None:
-        return add_norm(x, pending, final_norm, feeds_linear=False)[1]
-    return x if pending is None else x + pending
+def check_images(imgs, name: str, channels: int, fits, expected: str) -> None:
+    """The models' input check: a floating (B, channels, H, W) tensor whose (H, W) `fits`; the
+    error says the argument `name` must be `expected`."""
+    if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4 or imgs.shape[1] != channels or not fits(*imgs.shape[2:]):
+        got = tuple(imgs.shape) if isinstance(imgs, torch.Tensor) else type(imgs).__name__
+        raise ValueError(f"{name} must be {expected}; got {got}")
+    if not imgs.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {imgs.dtype}")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .blocks import check_images
 from .masking import check_noise, check_ratio
 from .vit import Transformer, transformer_forward
 
@@ -46,16 +47,15 @@ class MAE(nn.Module):
 
     def check_input(self, img: torch.Tensor) -> None:
         (ph, pw), L, C = self.patch_size, self.num_patches, self.channels
-        if not isinstance(img, torch.Tensor) or img.dim() != 4:
-            raise ValueError(f"img must be a (batch, {C}, height, width) tensor, got "
-                             f"{tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__}")
-        if not img.is_floating_point():
-            raise TypeError(f"img must be a floating-point tensor, got {img.dtype}")
-        _, c, H, W = img.shape
-        expected = getattr(self.encoder, "image_size", None)
-        if c != C or H % ph or W % pw or (H // ph) * (W // pw) != L or (expected and (H, W) != tuple(expected)):
-            size = f"{expected[0]}x{expected[1]}" if expected else f"{L} patches of {ph}x{pw}"
-            raise ValueError(f"img must be (batch, {C}, H, W) with {size}; got {tuple(img.shape)}")
+        expected = getattr(self.encoder, "image_size", None)  # vit_pytorch's ViT does not keep it
+
+        def fits(H, W):
+            if expected:
+                return (H, W) == tuple(expected)
+            return H % ph == 0 and W % pw == 0 and (H // ph) * (W // pw) == L
+
+        size = f"{expected[0]}x{expected[1]}" if expected else f"{L} patches of {ph}x{pw}"
+        check_images(img, "img", C, fits, f"(batch, {C}, H, W) with {size}")
 
     def forward(self, img: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(img)

@@ -15,7 +15,7 @@ from torch import nn
 from .. import ops
 from ..io import hf
 from ..ops._common import pair_arg
-from .blocks import Block, run_blocks
+from .blocks import Block, check_images, run_blocks
 from .masking import random_masking
 from .pos_embed import pos_embed_2d
 
@@ -131,11 +131,9 @@ class MaskedAutoencoderViT(nn.Module):
     # ------------------------------------------------------------------ checks
 
     def check_input(self, imgs) -> None:
-        H, W = self.img_size
-        if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4 or tuple(imgs.shape[1:]) != (self.in_chans, H, W):
-            got = tuple(imgs.shape) if isinstance(imgs, torch.Tensor) else type(imgs).__name__
-            raise ValueError(f"imgs must be (batch, {self.in_chans}, {H}, {W}) for this model "
-                             f"(img_size={self.img_size}, in_chans={self.in_chans}); got {got}")
+        (H, W), C = self.img_size, self.in_chans
+        check_images(imgs, "imgs", C, lambda h, w: (h, w) == (H, W),
+                     f"(batch, {C}, {H}, {W}) for this model (img_size={self.img_size}, in_chans={C})")
 
     # ------------------------------------------------------------------ fast path
 

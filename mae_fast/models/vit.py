@@ -1,6 +1,7 @@
 """The seed's ViT (vit-pytorch's API and state-dict keys) on SDPA and the fused patchify op."""
 from __future__ import annotations
 
+from functools import partial
 from itertools import islice
 
 import torch
@@ -8,7 +9,7 @@ from torch import nn
 
 from .. import ops
 from ..ops._common import pair_arg
-from .blocks import add_norm, attend, has_hooks
+from .blocks import attend, check_images, has_hooks, run_prenorm
 
 
 class Patchify(nn.Module):
@@ -76,7 +77,7 @@ def transformer_forward(transformer: nn.Module, x: torch.Tensor) -> torch.Tensor
     """Runs a vit-pytorch-shaped Transformer (ours or vit_pytorch's) with SDPA attention, so a
     vit_pytorch.ViT encoder handed to mae_fast.MAE gets the fast path while training in place.
     With set_fused_add_norm(True), each residual add is fused with the LayerNorm after it
-    (Attention.norm, FeedForward.net[0], the final norm), as in mae_fast.layers.run_blocks."""
+    (Attention.norm, FeedForward.net[0], the final norm), as in the official model's blocks."""
     fusable = all(not has_hooks(attn) and not has_hooks(ff) and isinstance(getattr(ff, "net", None), nn.Sequential)
                   and isinstance(ff.net[0], nn.LayerNorm) for attn, ff in transformer.layers)
     if not fusable:  # hooked (FSDP, taps) or differently built sub-layers: call them as modules
@@ -84,14 +85,16 @@ def transformer_forward(transformer: nn.Module, x: torch.Tensor) -> torch.Tensor
             x = attn(x) + x
             x = ff(x) + x
         return transformer.norm(x)
-    pending = None  # the last FeedForward's output, not yet added to x
-    for attn, ff in transformer.layers:
-        x, h = add_norm(x, pending, attn.norm)
-        x, h = add_norm(x, _attend_normed(attn, h), ff.net[0])
-        for layer in islice(ff.net, 1, None):  # after its LayerNorm
-            h = layer(h)
-        pending = h
-    return add_norm(x, pending, transformer.norm, feeds_linear=False)[1]
+    sublayers = ((norm, f) for attn, ff in transformer.layers
+                 for norm, f in ((attn.norm, partial(_attend_normed, attn)), (ff.net[0], partial(_after_norm, ff.net))))
+    return run_prenorm(x, sublayers, transformer.norm)
+
+
+def _after_norm(net: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
+    """A FeedForward's layers after its LayerNorm."""
+    for layer in islice(net, 1, None):
+        h = layer(h)
+    return h
 
 
 class ViT(nn.Module):
@@ -123,12 +126,8 @@ class ViT(nn.Module):
 
     def check_input(self, img) -> None:
         (H, W), C = self.image_size, self.channels
-        if not isinstance(img, torch.Tensor) or img.dim() != 4 or tuple(img.shape[1:]) != (C, H, W):
-            got = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
-            raise ValueError(f"img must be (batch, {C}, {H}, {W}) for this ViT (image_size={self.image_size}, "
-                             f"channels={C}); got {got}")
-        if not img.is_floating_point():
-            raise TypeError(f"img must be a floating-point tensor, got {img.dtype}")
+        check_images(img, "img", C, lambda h, w: (h, w) == (H, W),
+                     f"(batch, {C}, {H}, {W}) for this ViT (image_size={self.image_size}, channels={C})")
 
     def forward(self, img):
         self.check_input(img)
