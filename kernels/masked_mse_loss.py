@@ -10,7 +10,7 @@ Two row modes:
   HAS_MASK  pred (B, L, P), row l is patch l, weight mask[b, l]; rows with weight 0 are not read.
             loss = sum_{b,l} mask * sum_f (pred - t)^2 / (P * sum mask)   (official MAE)
   ids       pred (B, M, P), row m is patch ids[b, m], weight 1.
-            loss = sum (pred - t)^2 / (B * M * P)                          (F.mse_loss, seed MAE)
+            loss = sum (pred - t)^2 / (B * M * P)                          (F.mse_loss, vit-pytorch MAE)
 
 Determinism: the forward writes one partial sum (and one mask partial) per program into a buffer,
 then a single-program kernel adds them in a fixed order; no float atomics. A patch id outside

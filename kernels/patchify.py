@@ -1,8 +1,8 @@
 """Triton kernels for patchify, unpatchify and the fused patchify + gather (+ norm-pix).
 
-Tensors in, tensors out: no validation here (mae_fast/ops/patchify.py does it).
+Tensors in, tensors out: no validation here (mae_fast/ops/ does it).
 
-Conventions (official MAE, DESIGN.md section 4): imgs (B, C, H, W) are cut into a grid of
+Conventions (official MAE, docs/design.md): imgs (B, C, H, W) are cut into a grid of
 gh x gw patches of ph x pw pixels; patch l = i * gw + j; feature f of a patch row is
 (pi * pw + qj) * C + c, i.e. (p, q, c) order, so P = ph * pw * C.
 

@@ -25,7 +25,7 @@ def model_from_checkpoint(path: str):
     directory means its newest checkpoint."""
     from .io.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
     from .models.presets import build_model
-    from .train.pretrain import checkpoints_in
+    from .train.run_dir import checkpoints_in
 
     if os.path.isdir(path):
         found = checkpoints_in(path)

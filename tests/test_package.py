@@ -85,7 +85,9 @@ def test_wheel_installs_kernels_as_subpackage_only(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert tops == {"mae_fast"}, tops
-    assert "mae_fast/kernels/__init__.py" in names and "mae_fast/reference.py" in names
+    assert "mae_fast/kernels/__init__.py" in names and "mae_fast/testing/reference.py" in names
+    for layer in ("ops", "io", "models", "train"):
+        assert f"mae_fast/{layer}/__init__.py" in names, layer
     assert "mae_fast/_build_info.json" in names
 
 

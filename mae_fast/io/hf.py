@@ -217,7 +217,7 @@ def from_hf(model_cls, model_or_path):
 
     Returns the model (on the source instance's device and dtype; from a directory: CPU, the
     model's default dtype) with `model.default_mask_ratio = config.mask_ratio`. A classmethod can wrap
-    it: `from_hf = classmethod(lambda cls, m: mae_fast.hf.from_hf(cls, m))`."""
+    it: `from_hf = classmethod(lambda cls, m: mae_fast.io.hf.from_hf(cls, m))`."""
     config, hf_sd = _load_hf(model_or_path)
     kwargs, mask_ratio = official_config_from_hf(config)
     sd = official_state_dict_from_hf(hf_sd)

@@ -54,11 +54,10 @@ _fused_add_norm = _check_flag(os.environ.get("MAE_FAST_FUSED_ADD_NORM", "0"), "M
 def set_fused_add_norm(enabled: bool) -> None:
     """Whether eager blocks fuse each residual add with the LayerNorm after it (one Triton kernel,
     mae_fast.ops.add_layer_norm, where it runs: CUDA, or the Triton interpreter). Off by default:
-    on an H200 the eager ViT-B/L steps are host-bound, and the fused op's Python autograd.Function
-    and Triton launches cost more host time than torch's add and layer_norm (its forward + backward
-    took 3.1x theirs at the ViT-B encoder's size). It saves GPU time (the ViT-B decoder's forward:
-    90 us instead of 253), so turn it on where the GPU is the bottleneck. Under torch.compile it
-    never runs: inductor fuses add and norm itself. MAE_FAST_FUSED_ADD_NORM=1 sets the initial
+    eager ViT steps are host-bound, and the fused op's Python autograd.Function and Triton launch
+    cost more host time than torch's add and layer_norm; it saves GPU time, so turn it on where the
+    GPU is the bottleneck (docs/benchmarks.md has the measurements). Under torch.compile it never
+    runs: inductor fuses add and norm itself. MAE_FAST_FUSED_ADD_NORM=1 sets the initial
     value. Global, read at each call."""
     global _fused_add_norm
     if not isinstance(enabled, bool):
@@ -88,8 +87,7 @@ class _SplitHeads(torch.autograd.Function):
     """The views of split_heads, with a backward that writes the three head gradients straight into
     one (B, N, 3, heads, d) buffer: one pass. Autograd's own backward of the three selects
     zero-fills a full-size gradient per select, sums the three and then makes the permuted sum
-    contiguous for the qkv Linear: about 6x the memory traffic (on an H200 profile of the ViT-B
-    step, copy/cast kernels were a quarter of the kernel time). Bitwise the same gradient."""
+    contiguous for the qkv Linear: several times the memory traffic. Bitwise the same gradient."""
 
     @staticmethod
     def forward(ctx, qkv, heads):

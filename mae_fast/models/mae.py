@@ -1,7 +1,7 @@
-"""mae_fast.MAE: the seed's API (vit-pytorch's MAE) on the fused ops.
+"""mae_fast.MAE: the vit-pytorch API (lucidrains' MAE) on the fused ops.
 
 Same constructor, forward, masks and state-dict keys as vit_pytorch.MAE; the encoder (a
-mae_fast.ViT or a vit_pytorch.ViT) is trained in place. Fixed seed defects: pool='cls' takes pos
+mae_fast.ViT or a vit_pytorch.ViT) is trained in place. Fixed defects of vit-pytorch's code: pool='cls' takes pos
 rows 1..L of the 2-D pos_embedding, and the decoder input follows the activation dtype (autocast).
 """
 from __future__ import annotations

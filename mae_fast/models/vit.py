@@ -1,4 +1,4 @@
-"""The seed's ViT (vit-pytorch's API and state-dict keys) on SDPA and the fused patchify op."""
+"""vit-pytorch's ViT (its API and state-dict keys) on SDPA and the fused patchify op."""
 from __future__ import annotations
 
 from functools import partial

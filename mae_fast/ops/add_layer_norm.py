@@ -158,10 +158,9 @@ _add_layer_norm_op.register_autograd(_backward, setup_context=_setup)
 
 class _AddLayerNormEager(torch.autograd.Function):
     """The custom op's forward and backward without torch.library's dispatch, for eager calls that
-    run the kernels: that dispatch (defaults, alias checks, two redispatches per direction) cost
-    about 120 us of host time per forward + backward on our CPU (benchmarks/host_overhead.py), and
-    an eager GPU step whose host runs behind its GPU waits on every microsecond (an H200 ViT-B
-    step: GPU busy 51%). The same functions compute both ways; under torch.compile, and on the
+    run the kernels: that dispatch (defaults, alias checks, two redispatches per direction) costs
+    host time (benchmarks/host_overhead.py measures it), and an eager GPU step whose host runs
+    behind its GPU waits on every microsecond of it. The same functions compute both ways; under torch.compile, and on the
     fallback path (where dispatch modes such as benchmarks/step_traffic.py see the one op), the
     custom op runs."""
 

@@ -2,27 +2,23 @@
 
 Every parity test compares against this file and every benchmark uses it as its baseline, so it
 favours being obviously right over being fast. Conventions follow facebookresearch/mae
-(models_mae.py) and lucidrains/vit-pytorch (mae.py); see shared DESIGN.md section 4.
+(models_mae.py) and lucidrains/vit-pytorch (mae.py); see docs/design.md.
 """
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORM_PIX_EPS = 1e-6
-
-
-def pair(x) -> tuple[int, int]:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+from mae_fast.kernels import NORM_PIX_EPS
+from mae_fast.ops._common import pair_arg
 
 
 # ----------------------------------------------------------------------------- patches
 
 def patchify(imgs: torch.Tensor, patch_size) -> torch.Tensor:
     """(B, C, H, W) -> (B, h*w, ph*pw*C); token i*w + j, features in (p, q, c) order."""
-    ph, pw = pair(patch_size)
+    ph, pw = pair_arg(patch_size, "patch_size")
     B, C, H, W = imgs.shape
     h, w = H // ph, W // pw
     x = imgs.reshape(B, C, h, ph, w, pw)
@@ -32,8 +28,8 @@ def patchify(imgs: torch.Tensor, patch_size) -> torch.Tensor:
 
 def unpatchify(x: torch.Tensor, patch_size, image_size) -> torch.Tensor:
     """(B, h*w, ph*pw*C) -> (B, C, H, W), the inverse of patchify."""
-    ph, pw = pair(patch_size)
-    H, W = pair(image_size)
+    ph, pw = pair_arg(patch_size, "patch_size")
+    H, W = pair_arg(image_size, "image_size")
     B, L, P = x.shape
     h, w, C = H // ph, W // pw, P // (ph * pw)
     x = x.reshape(B, h, w, ph, pw, C)
@@ -61,7 +57,7 @@ def patchify_gather(imgs, ids, patch_size, norm_pix_target: bool = False):
 
 def masked_mse_loss(pred, imgs, patch_size, *, mask=None, ids=None, norm_pix_target: bool = False):
     """Official loss (mask given): mean per-patch MSE over removed patches.
-    Seed loss (ids given): F.mse_loss over the rows of the removed patches ids."""
+    vit-pytorch loss (ids given): F.mse_loss over the rows of the removed patches ids."""
     if (mask is None) == (ids is None):
         raise ValueError("pass exactly one of mask or ids")
     target = patchify(imgs, patch_size)
@@ -108,8 +104,8 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, noise=None, 
     return ids_keep, mask, ids_restore
 
 
-def seed_masking(batch: int, num_patches: int, masking_ratio: float, noise=None, device=None):
-    """Seed (vit-pytorch) masking: the FIRST num_masked of argsort(noise) are masked.
+def vit_pytorch_masking(batch: int, num_patches: int, masking_ratio: float, noise=None, device=None):
+    """vit-pytorch masking: the FIRST num_masked of argsort(noise) are masked.
 
     Returns (masked_indices, unmasked_indices)."""
     num_masked = int(masking_ratio * num_patches)
@@ -135,7 +131,7 @@ def pos_embed_2d(embed_dim: int, grid_size, cls_token: bool = False) -> torch.Te
     second half the row i, each half [sin | cos]."""
     if embed_dim % 4:
         raise ValueError(f"embed_dim must be a multiple of 4 for the 2-D sin-cos table, got {embed_dim}")
-    gh, gw = pair(grid_size)
+    gh, gw = pair_arg(grid_size, "grid_size")
     rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
     emb = torch.cat([_sincos_1d(embed_dim // 2, cols), _sincos_1d(embed_dim // 2, rows)], dim=1)
     if cls_token:
@@ -207,7 +203,7 @@ class MaskedAutoencoderViT(nn.Module):
                  num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
                  mlp_ratio=4.0, norm_layer=nn.LayerNorm, norm_pix_loss=False):
         super().__init__()
-        self.img_size, self.patch_size, self.in_chans = pair(img_size), patch_size, in_chans
+        self.img_size, self.patch_size, self.in_chans = pair_arg(img_size, "img_size"), patch_size, in_chans
         self.grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
         L = self.grid[0] * self.grid[1]
         self.norm_pix_loss = norm_pix_loss
@@ -255,9 +251,9 @@ class MaskedAutoencoderViT(nn.Module):
         return loss, pred, mask
 
 
-# ----------------------------------------------------------------------------- seed model
+# ----------------------------------------------------------------------------- vit-pytorch model
 
-class SeedAttention(nn.Module):
+class VitPytorchAttention(nn.Module):
     def __init__(self, dim, heads, dim_head):
         super().__init__()
         inner = heads * dim_head
@@ -273,7 +269,7 @@ class SeedAttention(nn.Module):
         return self.to_out(attention(q, k, v).transpose(1, 2).reshape(B, N, -1))
 
 
-class SeedTransformer(nn.Module):
+class VitPytorchTransformer(nn.Module):
     """vit-pytorch's Transformer (pre-norm, final LayerNorm), same state-dict keys."""
 
     def __init__(self, dim, depth, heads, dim_head, mlp_dim):
@@ -281,8 +277,8 @@ class SeedTransformer(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.layers = nn.ModuleList(
             nn.ModuleList([
-                SeedAttention(dim, heads, dim_head),
-                SeedFeedForward(dim, mlp_dim),
+                VitPytorchAttention(dim, heads, dim_head),
+                VitPytorchFeedForward(dim, mlp_dim),
             ]) for _ in range(depth))
 
     def forward(self, x):
@@ -292,7 +288,7 @@ class SeedTransformer(nn.Module):
         return self.norm(x)
 
 
-class SeedFeedForward(nn.Module):
+class VitPytorchFeedForward(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
         self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0),
@@ -317,7 +313,7 @@ class ViT(nn.Module):
     def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim,
                  pool="cls", channels=3, dim_head=64, dropout=0.0, emb_dropout=0.0):
         super().__init__()
-        (H, W), (ph, pw) = pair(image_size), pair(patch_size)
+        (H, W), (ph, pw) = pair_arg(image_size, "image_size"), pair_arg(patch_size, "patch_size")
         num_patches, patch_dim = (H // ph) * (W // pw), channels * ph * pw
         self.image_size, self.patch_size, self.channels = (H, W), (ph, pw), channels
         num_cls = 1 if pool == "cls" else 0
@@ -326,14 +322,14 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.randn(num_cls, dim))
         self.pos_embedding = nn.Parameter(torch.randn(num_patches + num_cls, dim))
         self.dropout = nn.Dropout(emb_dropout)
-        self.transformer = SeedTransformer(dim, depth, heads, dim_head, mlp_dim)
+        self.transformer = VitPytorchTransformer(dim, depth, heads, dim_head, mlp_dim)
         self.pool = pool
         self.to_latent = nn.Identity()
         self.mlp_head = nn.Linear(dim, num_classes) if num_classes > 0 else None
 
 
 class MAE(nn.Module):
-    """The seed MAE (vit-pytorch mae.py) with its defects fixed: pool='cls' takes pos rows 1..L of
+    """The vit-pytorch MAE (mae.py) with its defects fixed: pool='cls' takes pos rows 1..L of
     the 2-D pos_embedding, and decoder tokens follow the activation dtype."""
 
     def __init__(self, *, encoder, decoder_dim, masking_ratio=0.75, decoder_depth=1, decoder_heads=8,
@@ -348,7 +344,7 @@ class MAE(nn.Module):
         self.decoder_dim = decoder_dim
         self.enc_to_dec = nn.Linear(encoder_dim, decoder_dim) if encoder_dim != decoder_dim else nn.Identity()
         self.mask_token = nn.Parameter(torch.randn(decoder_dim))
-        self.decoder = SeedTransformer(decoder_dim, decoder_depth, decoder_heads, decoder_dim_head, decoder_dim * 4)
+        self.decoder = VitPytorchTransformer(decoder_dim, decoder_depth, decoder_heads, decoder_dim_head, decoder_dim * 4)
         self.decoder_pos_emb = nn.Embedding(num_pos, decoder_dim)
         self.to_pixels = nn.Linear(decoder_dim, patch_dim)
 
@@ -360,7 +356,7 @@ class MAE(nn.Module):
         tokens = self.patch_to_emb(patches)
         num_cls = enc.pos_embedding.shape[0] - L
         tokens = tokens + enc.pos_embedding[num_cls:num_cls + L].to(tokens.dtype)
-        masked, unmasked = seed_masking(B, L, self.masking_ratio, noise, device=img.device)
+        masked, unmasked = vit_pytorch_masking(B, L, self.masking_ratio, noise, device=img.device)
         encoded = enc.transformer(gather_tokens(tokens, unmasked))
         dec = self.enc_to_dec(encoded)
         dec = unshuffle_tokens(dec, unmasked, L, self.mask_token, self.decoder_pos_emb.weight[:L])
@@ -380,6 +376,6 @@ def add_layer_norm(x, delta, weight, bias, eps, out_dtype=None):
 
 __all__ = [
     "patchify", "unpatchify", "norm_pix", "gather_tokens", "patchify_gather", "masked_mse_loss",
-    "unshuffle_tokens", "random_masking", "seed_masking", "pos_embed_2d", "attention",
+    "unshuffle_tokens", "random_masking", "vit_pytorch_masking", "pos_embed_2d", "attention",
     "MaskedAutoencoderViT", "ViT", "MAE", "add_layer_norm",
 ]

@@ -11,8 +11,8 @@ INTERPRET_OR_CUDA = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_a
 
 OFFICIAL = dict(img_size=(16, 24), patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=4,
                 decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
-SEED_VIT = dict(image_size=(16, 24), patch_size=4, num_classes=10, dim=32, depth=2, heads=4, mlp_dim=64, dim_head=8)
-SEED_MAE = dict(decoder_dim=16, decoder_depth=1, decoder_heads=2, decoder_dim_head=8)
+VP_VIT = dict(image_size=(16, 24), patch_size=4, num_classes=10, dim=32, depth=2, heads=4, mlp_dim=64, dim_head=8)
+VP_MAE = dict(decoder_dim=16, decoder_depth=1, decoder_heads=2, decoder_dim_head=8)
 
 
 def official_pair(**kw):
@@ -26,7 +26,7 @@ def official_pair(**kw):
 def assert_grads_close(fast, oracle, rtol=1e-4, atol=1e-6):
     theirs = dict(oracle.named_parameters())
     for name, p in fast.named_parameters():
-        if theirs[name].grad is None:  # unused by the MAE (the seed encoder's cls token, mlp head)
+        if theirs[name].grad is None:  # unused by the MAE (the vit-pytorch encoder's cls token, mlp head)
             assert p.grad is None, name
         else:
             assert p.grad is not None, name
@@ -133,8 +133,8 @@ def test_official_drop_in_details():
     pred = torch.randn(2, 24, 48)
     torch.testing.assert_close(fast.forward_loss(imgs, pred, mask.long() + 1), fast.forward_loss(imgs, pred, mask + 1))
     # vit-pytorch's MAE exposes the encoder's patch rearrange as to_patch
-    seed, _ = seed_pair()
-    assert seed.to_patch(imgs).shape == (2, 24, 48) and not any(k.startswith("to_patch.") for k in seed.state_dict())
+    vp, _ = vp_pair()
+    assert vp.to_patch(imgs).shape == (2, 24, 48) and not any(k.startswith("to_patch.") for k in vp.state_dict())
 
 
 def test_official_methods_are_consistent_with_forward():
@@ -173,19 +173,19 @@ def test_official_factories():
     assert mae_fast.mae_vit_huge_patch14(img_size=28, depth=1, decoder_depth=1).patch_size == 14
 
 
-def seed_pair(encoder_cls=None, **vit_kw):
+def vp_pair(encoder_cls=None, **vit_kw):
     encoder_cls = encoder_cls or mae_fast.ViT
-    kw = {**SEED_VIT, **vit_kw}
-    fast = mae_fast.MAE(encoder=encoder_cls(**kw), **SEED_MAE)
-    oracle = ref.MAE(encoder=ref.ViT(**kw), **SEED_MAE)
+    kw = {**VP_VIT, **vit_kw}
+    fast = mae_fast.MAE(encoder=encoder_cls(**kw), **VP_MAE)
+    oracle = ref.MAE(encoder=ref.ViT(**kw), **VP_MAE)
     oracle.load_state_dict(fast.state_dict())
     return fast, oracle
 
 
 @pytest.mark.parametrize("pool", ["mean", "cls"])
 @pytest.mark.parametrize("norm_pix", [False, True])
-def test_seed_matches_reference(pool, norm_pix):
-    fast, oracle = seed_pair(pool=pool)
+def test_vit_pytorch_matches_reference(pool, norm_pix):
+    fast, oracle = vp_pair(pool=pool)
     fast.norm_pix_loss = oracle.norm_pix_loss = norm_pix
     imgs = torch.randn(2, 3, 16, 24)
     torch.manual_seed(5)
@@ -199,14 +199,14 @@ def test_seed_matches_reference(pool, norm_pix):
 
 
 @pytest.mark.parametrize("ours_encoder", [True, False])
-def test_seed_matches_vit_pytorch(ours_encoder):
+def test_vit_pytorch_matches_vit_pytorch(ours_encoder):
     vit_pytorch = pytest.importorskip("vit_pytorch")
-    from vit_pytorch.mae import MAE as SeedMAE
+    from vit_pytorch.mae import MAE as VitPytorchMAE
 
-    kw = {**SEED_VIT, "pool": "mean"}
-    theirs = SeedMAE(encoder=vit_pytorch.ViT(**kw), **SEED_MAE)
+    kw = {**VP_VIT, "pool": "mean"}
+    theirs = VitPytorchMAE(encoder=vit_pytorch.ViT(**kw), **VP_MAE)
     encoder = mae_fast.ViT(**kw) if ours_encoder else vit_pytorch.ViT(**kw)
-    ours = mae_fast.MAE(encoder=encoder, **SEED_MAE)
+    ours = mae_fast.MAE(encoder=encoder, **VP_MAE)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     ours.load_state_dict(theirs.state_dict())
     imgs = torch.randn(2, 3, 16, 24)
@@ -225,18 +225,18 @@ def test_seed_matches_vit_pytorch(ours_encoder):
     encoder_back.load_state_dict(encoder.state_dict())
 
 
-def test_seed_vit_classifies_with_both_pools():
+def test_vit_pytorch_vit_classifies_with_both_pools():
     for pool in ("cls", "mean"):
-        vit = mae_fast.ViT(**{**SEED_VIT, "pool": pool})
-        oracle = ref.ViT(**{**SEED_VIT, "pool": pool})
+        vit = mae_fast.ViT(**{**VP_VIT, "pool": pool})
+        oracle = ref.ViT(**{**VP_VIT, "pool": pool})
         assert list(vit.state_dict()) == list(oracle.state_dict())
         assert vit(torch.randn(2, 3, 16, 24)).shape == (2, 10)
 
 
-def test_seed_vit_matches_vit_pytorch_classifier():
+def test_vit_pytorch_vit_matches_vit_pytorch_classifier():
     vit_pytorch = pytest.importorskip("vit_pytorch")
-    theirs = vit_pytorch.ViT(**SEED_VIT)
-    ours = mae_fast.ViT(**SEED_VIT)
+    theirs = vit_pytorch.ViT(**VP_VIT)
+    ours = mae_fast.ViT(**VP_VIT)
     ours.load_state_dict(theirs.state_dict())
     imgs = torch.randn(2, 3, 16, 24)
     torch.testing.assert_close(ours(imgs), theirs(imgs), rtol=1e-5, atol=1e-5)
@@ -258,28 +258,28 @@ def test_compiled_models_match_eager():
     rows_loss = torch.compile(fast, fullgraph=True, backend="aot_eager")(imgs, 0.75, noise, return_pred=False)[0]
     torch.testing.assert_close(rows_loss, loss, rtol=1e-4, atol=1e-6)
 
-    seed, _ = seed_pair()
+    vp, _ = vp_pair()
     noise = torch.rand(2, 24)
-    loss = seed(imgs, noise)
-    closs = torch.compile(seed, fullgraph=True, backend="aot_eager")(imgs, noise)  # inductor is covered above
+    loss = vp(imgs, noise)
+    closs = torch.compile(vp, fullgraph=True, backend="aot_eager")(imgs, noise)  # inductor is covered above
     torch.testing.assert_close(closs, loss, rtol=1e-4, atol=1e-6)
     closs.backward()
-    assert seed.mask_token.grad is not None
+    assert vp.mask_token.grad is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_runs_and_stays_finite(dtype):
     fast, _ = official_pair()
-    seed, _ = seed_pair(pool="cls")
+    vp, _ = vp_pair(pool="cls")
     imgs = torch.randn(2, 3, 16, 24)
     with torch.autocast("cpu", dtype=dtype):
         loss, pred, _ = fast(imgs)
-        seed_loss = seed(imgs)
+        vp_loss = vp(imgs)
     assert pred.dtype == dtype and loss.dtype == torch.float32
-    for value in (loss, seed_loss):
+    for value in (loss, vp_loss):
         assert torch.isfinite(value)
         value.backward()
-    assert torch.isfinite(seed.mask_token.grad).all() and torch.isfinite(fast.mask_token.grad).all()
+    assert torch.isfinite(vp.mask_token.grad).all() and torch.isfinite(fast.mask_token.grad).all()
 
 
 def _count_fused_add_norms(monkeypatch):
@@ -331,9 +331,9 @@ def test_blocks_fuse_every_residual_add_into_the_next_norm(monkeypatch):
     enc, dec = OFFICIAL["depth"], OFFICIAL["decoder_depth"]
     assert len(calls) == 2 * enc + (2 * dec - 1)  # the decoder's last add precedes the row gather
     calls.clear()
-    seed, _ = seed_pair()
-    seed(torch.randn(2, 3, 16, 24))
-    assert len(calls) == 2 * SEED_VIT["depth"] + 2 * SEED_MAE["decoder_depth"]
+    vp, _ = vp_pair()
+    vp(torch.randn(2, 3, 16, 24))
+    assert len(calls) == 2 * VP_VIT["depth"] + 2 * VP_MAE["decoder_depth"]
     calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fast(torch.randn(2, 3, 16, 24))
@@ -371,11 +371,11 @@ def test_hooked_and_wrapped_blocks_still_run_as_modules(monkeypatch):
     torch.testing.assert_close(fast(imgs, 0.75, noise)[0], plain)
     assert calls == ["wrapper"]
 
-    seed, _ = seed_pair()
-    plain = seed(imgs, noise)
+    vp, _ = vp_pair()
+    plain = vp(imgs, noise)
     calls.clear()
-    seed.encoder.transformer.layers[1][0].register_forward_hook(lambda m, args, out: calls.append("attention"))
-    torch.testing.assert_close(seed(imgs, noise), plain)
+    vp.encoder.transformer.layers[1][0].register_forward_hook(lambda m, args, out: calls.append("attention"))
+    torch.testing.assert_close(vp(imgs, noise), plain)
     assert calls == ["attention"]
 
 
@@ -386,18 +386,18 @@ def test_fused_add_norm_matches_unfused_under_autocast(monkeypatch, dtype, devic
     import mae_fast.models.blocks as layers
 
     fast, _ = official_pair(norm_pix_loss=True)
-    seed, _ = seed_pair()
-    fast, seed = fast.to(device), seed.to(device)
+    vp, _ = vp_pair()
+    fast, vp = fast.to(device), vp.to(device)
     imgs, noise = torch.randn(2, 3, 16, 24, device=device), torch.rand(2, 24, device=device)
     results = []
     for fused in (True, False):
         monkeypatch.setattr(layers, "_fused_add_norm", fused)
         fast.zero_grad(set_to_none=True)
-        seed.zero_grad(set_to_none=True)
+        vp.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=dtype):
-            loss = fast(imgs, 0.75, noise)[0] + seed(imgs, noise)
+            loss = fast(imgs, 0.75, noise)[0] + vp(imgs, noise)
         loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in [*fast.parameters(), *seed.parameters()]
+        results.append((loss.detach(), [p.grad.clone() for p in [*fast.parameters(), *vp.parameters()]
                                         if p.grad is not None]))
     (loss, grads), (uloss, ugrads) = results
     torch.testing.assert_close(loss, uloss, rtol=2e-3, atol=1e-4)
@@ -427,25 +427,25 @@ def test_official_rejects_bad_mask_ratio(ratio, match):
 
 def test_bad_noise_is_refused_by_both_models():
     fast, _ = official_pair()
-    seed, _ = seed_pair()
+    vp, _ = vp_pair()
     imgs = torch.randn(2, 3, 16, 24)
     with pytest.raises(ValueError, match=r"noise must be a \(batch, num_patches\) = \(2, 24\)"):
         fast(imgs, 0.75, torch.rand(2, 23))
     with pytest.raises(ValueError, match=r"noise must be a \(batch, num_patches\) = \(2, 24\)"):
-        seed(imgs, torch.rand(24))
+        vp(imgs, torch.rand(24))
     with pytest.raises(TypeError, match="noise must be a floating-point"):
-        seed(imgs, torch.randint(0, 5, (2, 24)))
+        vp(imgs, torch.randint(0, 5, (2, 24)))
 
 
-def test_seed_rejects_bad_input():
-    seed, _ = seed_pair()
+def test_vit_pytorch_rejects_bad_input():
+    vp, _ = vp_pair()
     with pytest.raises(ValueError, match=r"img must be \(batch, 3, H, W\) with 16x24"):
-        seed(torch.randn(2, 3, 16, 16))
+        vp(torch.randn(2, 3, 16, 16))
     with pytest.raises(ValueError, match=r"img must be \(batch, 3, H, W\)"):
-        seed(torch.randn(2, 4, 16, 24))
+        vp(torch.randn(2, 4, 16, 24))
     with pytest.raises(ValueError, match="masking_ratio must be in"):
-        mae_fast.MAE(encoder=mae_fast.ViT(**SEED_VIT), decoder_dim=16, masking_ratio=1.0)
-    tiny = mae_fast.MAE(encoder=mae_fast.ViT(**SEED_VIT), decoder_dim=16, masking_ratio=0.01)
+        mae_fast.MAE(encoder=mae_fast.ViT(**VP_VIT), decoder_dim=16, masking_ratio=1.0)
+    tiny = mae_fast.MAE(encoder=mae_fast.ViT(**VP_VIT), decoder_dim=16, masking_ratio=0.01)
     with pytest.raises(ValueError, match="at least one patch must be masked"):
         tiny(torch.randn(1, 3, 16, 24))
 

@@ -7,7 +7,7 @@ kernel's backward even where one key block holds the sequence), and 'torch' (the
 fallback, TRITON_INTERPRET=0). fp32 is held to rtol 1e-5 against float64; fp16 to
 flash-attention's own rule, max |out - ref64| <= 2 max |SDPA in fp16 - ref64| + atol (over the whole tensor: attention outputs
 pass near 0 where an elementwise bound would hinge on torch's rounding there). bf16 arithmetic is
-wrong under the interpreter (DESIGN 5): bf16 is tested on the GPU.
+wrong under the interpreter (docs/design.md): bf16 is tested on the GPU.
 """
 import importlib
 import os

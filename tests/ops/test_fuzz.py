@@ -1,11 +1,11 @@
-"""Fuzzed parity of every public op and both model forwards against mae_fast/reference.py.
+"""Fuzzed parity of every public op and both model forwards against the eager oracle, mae_fast/testing/reference.py.
 
 Hypothesis draws shapes (batch 1..3, channels 1..13, rectangular grids, int and (ph, pw) patches,
 K from 1 to L), dtypes (fp32 and fp16 here; bf16 only on a GPU), layouts (contiguous,
 channels_last, sliced and transposed views), index dtypes and mask ratios, and runs each example on
 both CPU dispatch paths: the Triton kernels under the interpreter (TRITON_INTERPRET=1) and the
 PyTorch fallback (TRITON_INTERPRET=0; the ops read the variable at call time). Forward and backward
-are checked with the tolerances of DESIGN.md section 6: fp32 against a float64 reference at
+are checked with the tolerances of docs/design.md: fp32 against a float64 reference at
 rtol ~1e-5, fp16 by the 2x rule |out - ref64| <= 2 |torch_fp16 - ref64| + atol; pure data movement
 (patchify, unpatchify, gathers) must be exact. Kernel outputs are NaN-poisoned before they are
 written, so an element left unwritten fails.
@@ -120,7 +120,7 @@ def make_ids(gen, B, L, K, dtype):
     return torch.rand(B, L, generator=gen).argsort(dim=1)[:, :K].to(dtype)
 
 
-# ----------------------------------------------------------------------------- tolerances (DESIGN 6)
+# ----------------------------------------------------------------------------- tolerances (docs/design.md)
 
 def check_fp32(out, ref64, rtol=1e-5, atol=1e-5, what=""):
     assert out.dtype == torch.float32, what
@@ -475,7 +475,7 @@ def test_official_model(p, gh, gw, C, B, heads, dim, keep_frac, norm_pix, layout
 @given(patch=patch_sizes, gh=st.integers(1, 3), gw=st.integers(1, 3), C=st.sampled_from([1, 3]), B=st.integers(1, 3),
        pool=st.sampled_from(["cls", "mean"]), masked_frac=st.floats(0, 1), norm_pix=st.booleans(), layout=layouts,
        path=paths, seed=seeds)
-def test_seed_model(patch, gh, gw, C, B, pool, masked_frac, norm_pix, layout, path, seed):
+def test_vit_pytorch_model(patch, gh, gw, C, B, pool, masked_frac, norm_pix, layout, path, seed):
     ph, pw = pair(patch)
     L = gh * gw
     if L < 2:
@@ -511,7 +511,7 @@ def test_seed_model(patch, gh, gw, C, B, pool, masked_frac, norm_pix, layout, pa
 @given(spec=image_specs(max_grid=4), layout=layouts, seed=seeds, keep=st.floats(0, 1), norm_pix=st.booleans(),
        ratio=st.floats(0.01, 0.99))
 def test_bf16_ops_on_gpu(spec, layout, seed, keep, norm_pix, ratio):
-    """bf16 (its arithmetic is wrong under the CPU interpreter, DESIGN 5): the compiled kernels by the
+    """bf16 (its arithmetic is wrong under the CPU interpreter, docs/design.md): the compiled kernels by the
     2x rule against a float64 reference, patchify exact."""
     B, C, H, W, patch = spec
     ph, pw = pair(patch)

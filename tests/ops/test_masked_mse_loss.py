@@ -1,4 +1,4 @@
-"""mae_fast.ops.masked_mse_loss (official mask= and seed ids= forms) against the eager reference.
+"""mae_fast.ops.masked_mse_loss (official mask= and vit-pytorch ids= forms) against the eager reference.
 
 CPU tensors run the Triton kernels of mae_fast.kernels.masked_mse_loss under the interpreter
 (the conftest sets TRITON_INTERPRET=1 without a GPU); the PyTorch fallback is tested with it off;
@@ -88,7 +88,7 @@ def test_official_mask_loss_matches_reference(shape, layout, ratio, norm_pix):
 @pytest.mark.parametrize("ratio", [0.1, 0.75, 1.0])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_seed_ids_loss_matches_reference(shape, layout, ratio, norm_pix):
+def test_vit_pytorch_ids_loss_matches_reference(shape, layout, ratio, norm_pix):
     B, L, P = dims(shape)
     imgs = make_imgs(*shape[:4], layout)
     ids = make_removed_ids(B, L, ratio, dtype=torch.int32 if ratio == 0.75 else torch.int64)
@@ -351,7 +351,7 @@ def test_torch_compile_inductor_fullgraph():
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
-def test_seed_loss_equals_f_mse_loss_of_gathered_rows():
+def test_vit_pytorch_loss_equals_f_mse_loss_of_gathered_rows():
     imgs = make_imgs(2, 3, 8, 12)
     ids = make_removed_ids(2, 6, 0.75)
     pred = torch.randn(2, ids.shape[1], 48)

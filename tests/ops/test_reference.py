@@ -11,7 +11,7 @@ from mae_fast.testing import reference as ref
 def test_unpatchify_inverts_patchify(B, C, H, W, p):
     x = torch.randn(B, C, H, W)
     patches = ref.patchify(x, p)
-    ph, pw = ref.pair(p)
+    ph, pw = ref.pair_arg(p, "p")
     assert patches.shape == (B, (H // ph) * (W // pw), ph * pw * C)
     assert torch.equal(ref.unpatchify(patches, p, (H, W)), x)
 
@@ -51,17 +51,17 @@ def test_official_masking_counts_and_consistency(ratio, kept):
 
 
 @pytest.mark.parametrize("ratio,masked", [(0.75, 147), (0.9, 176)])
-def test_seed_masking_counts_and_noise(ratio, masked):
+def test_vit_pytorch_masking_counts_and_noise(ratio, masked):
     B, L = 2, 196
     noise = torch.rand(B, L)
-    m, u = ref.seed_masking(B, L, ratio, noise)
+    m, u = ref.vit_pytorch_masking(B, L, ratio, noise)
     assert m.shape == (B, masked) and u.shape == (B, L - masked)
     assert torch.equal(torch.cat([m, u], 1).sort(1).values, torch.arange(L).expand(B, L))
-    # the seed masks the lowest-noise patches; the official model keeps them
+    # vit-pytorch masks the lowest-noise patches; the official model keeps them
     keep, _, _ = ref.random_masking(B, L, 1 - ratio, noise)
     assert torch.equal(keep, m[:, : keep.shape[1]])
     torch.manual_seed(3)
-    m2, _ = ref.seed_masking(B, L, ratio)
+    m2, _ = ref.vit_pytorch_masking(B, L, ratio)
     torch.manual_seed(3)
     assert torch.equal(m2, torch.rand(B, L).argsort(-1)[:, :masked])
 
@@ -85,8 +85,8 @@ def test_loss_conventions_agree_when_every_row_removes_the_same_count():
     pred_full = torch.randn(B, L, P, dtype=torch.float64)
     for norm in (False, True):
         official = ref.masked_mse_loss(pred_full, imgs, p, mask=mask, norm_pix_target=norm)
-        seed = ref.masked_mse_loss(ref.gather_tokens(pred_full, removed), imgs, p, ids=removed, norm_pix_target=norm)
-        torch.testing.assert_close(official, seed)
+        vp = ref.masked_mse_loss(ref.gather_tokens(pred_full, removed), imgs, p, ids=removed, norm_pix_target=norm)
+        torch.testing.assert_close(official, vp)
     target = ref.patchify(imgs, p)
     hand = sum(((pred_full[b, l] - target[b, l]) ** 2).mean() for b in range(B) for l in range(L) if mask[b, l])
     torch.testing.assert_close(ref.masked_mse_loss(pred_full, imgs, p, mask=mask), hand / mask.sum())
@@ -130,13 +130,13 @@ def test_official_reference_forward_shapes_and_loss():
     assert model.pos_embed.grad is None and model.cls_token.grad is not None
 
 
-def test_seed_reference_matches_vit_pytorch():
+def test_vit_pytorch_reference_matches_vit_pytorch():
     vit_pytorch = pytest.importorskip("vit_pytorch")
-    from vit_pytorch.mae import MAE as SeedMAE
+    from vit_pytorch.mae import MAE as VitPytorchMAE
 
     kw = dict(image_size=(16, 24), patch_size=4, num_classes=10, dim=32, depth=2, heads=4, mlp_dim=64,
               pool="mean", dim_head=8)
-    theirs = SeedMAE(encoder=vit_pytorch.ViT(**kw), decoder_dim=16, decoder_depth=1, decoder_heads=2, decoder_dim_head=8)
+    theirs = VitPytorchMAE(encoder=vit_pytorch.ViT(**kw), decoder_dim=16, decoder_depth=1, decoder_heads=2, decoder_dim_head=8)
     ours = ref.MAE(encoder=ref.ViT(**kw), decoder_dim=16, decoder_depth=1, decoder_heads=2, decoder_dim_head=8)
     assert set(ours.state_dict()) == set(theirs.state_dict())
     ours.load_state_dict(theirs.state_dict())
@@ -153,7 +153,7 @@ def test_seed_reference_matches_vit_pytorch():
         torch.testing.assert_close(param.grad, theirs_grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_seed_reference_cls_pool_uses_patch_rows_of_pos_embedding():
+def test_vit_pytorch_reference_cls_pool_uses_patch_rows_of_pos_embedding():
     kw = dict(image_size=8, patch_size=4, num_classes=0, dim=16, depth=1, heads=2, mlp_dim=32, dim_head=8)
     model = ref.MAE(encoder=ref.ViT(pool="cls", **kw), decoder_dim=16, decoder_dim_head=8)
     assert model.decoder_pos_emb.weight.shape == (5, 16)

@@ -1,4 +1,4 @@
-"""gather_tokens / unshuffle_tokens (mae_fast.ops.tokens): parity with reference.py forward and
+"""gather_tokens / unshuffle_tokens (mae_fast.ops.tokens): parity with the eager oracle forward and
 backward, gradcheck, opcheck, torch.compile, determinism, poisoned outputs, bad inputs, and the
 PyTorch fallback. CUDA-only checks carry the gpu marker."""
 import os

@@ -89,7 +89,7 @@ class Recorder:
         return lambda *args, **kwargs: self.log.append(Launch(self.fn, args, dict(kwargs)))
 
 
-# (B, C, H, W, patch, kept, removed): the model configs, then the odd shapes of DESIGN section 6
+# (B, C, H, W, patch, kept, removed): the model configs, then the odd shapes of docs/design.md
 CONFIGS = [
     (2, 3, 224, 224, 16, 49, 147),  # ViT-B/16, ViT-L/16: also compiled for sm_80
     (2, 3, 224, 224, 14, 64, 192),  # ViT-H/14

@@ -306,14 +306,14 @@ def _model_losses(interpret, seed=0):
     fast = mae_fast.MaskedAutoencoderViT(img_size=(16, 24), patch_size=4, embed_dim=32, depth=2, num_heads=4,
                                          decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
                                          norm_pix_loss=True)
-    seed_mae = mae_fast.MAE(encoder=mae_fast.ViT(image_size=(16, 24), patch_size=4, num_classes=0, dim=32, depth=2,
+    vp_mae = mae_fast.MAE(encoder=mae_fast.ViT(image_size=(16, 24), patch_size=4, num_classes=0, dim=32, depth=2,
                                                  heads=4, mlp_dim=64, dim_head=8), decoder_dim=16, decoder_heads=2,
                             decoder_dim_head=8)
     imgs = torch.randn(3, 3, 16, 24)
     loss, _, _ = fast(imgs)  # masks drawn from the global RNG: seeded above
-    loss2 = seed_mae(imgs)
+    loss2 = vp_mae(imgs)
     (loss + loss2).backward()
-    grads = [p.grad.clone() for m in (fast, seed_mae) for p in m.parameters() if p.grad is not None]
+    grads = [p.grad.clone() for m in (fast, vp_mae) for p in m.parameters() if p.grad is not None]
     return [loss.detach(), loss2.detach()] + grads
 
 
