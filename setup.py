@@ -6,7 +6,7 @@ cudart are found, the CUDA kernels (csrc/*.cu) -- with or without a GPU on the b
 Environment switches:
   MAE_FAST_BUILD_EXT   auto (default): CUDA if possible, else CPU; a failed build only warns
                        cpu: C++ CPU sources only; cuda: CPU + CUDA, failing loudly if impossible
-                       none: no extension (every op then runs its PyTorch fallback)
+                       none: no extension (the token ops then run their PyTorch fallbacks)
   TORCH_CUDA_ARCH_LIST CUDA targets, default "8.0;9.0+PTX"
   CUDA_HOME            CUDA toolkit root, default: the one holding nvcc (/usr/local/cuda)
 
@@ -130,7 +130,7 @@ setup(
     extras_require={
         "demo": ["scikit-image", "scikit-learn", "matplotlib", "pillow"],  # the CLI's embedded data and pictures
         "hf": ["transformers", "safetensors"],
-        "seed": ["vit-pytorch"],
+        "vit-pytorch": ["vit-pytorch"],  # the parity tests against lucidrains' MAE
     },
     entry_points={"console_scripts": ["mae-fast=mae_fast.cli:main"]},
     ext_modules=ext_modules,
