@@ -5,7 +5,7 @@ import torch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-# torch.compile on a 2-core CPU costs ~10 s per graph: the op suites compile their baselines there
+# torch.compile on a small CPU costs seconds per graph: the op suites compile their baselines there
 # only with MAE_FAST_BENCH_COMPILE_ALL=1 (the patchify/loss suite still compiles one case)
 CPU_COMPILE_ALL = os.environ.get("MAE_FAST_BENCH_COMPILE_ALL") == "1"
 

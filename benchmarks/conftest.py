@@ -13,7 +13,7 @@ numeric benchmark.extra_info entry, plus the rows and skip reasons recorded thro
 `bench_record` fixture. All rows of one session share the date (the session start, UTC), which is
 how benchmarks/report.py finds the rows measured in the same run.
 
-Environment: MAE_FAST_COMMIT names the commit where the tree has no .git (the device machine);
+Environment: MAE_FAST_COMMIT names the commit where the tree has no .git (a copied tree);
 MAE_FAST_BENCH_DATE sets the run id (date column) so that several pytest sessions form one run;
 MAE_FAST_BENCH_DEADLINE (unix time) or MAE_FAST_BENCH_BUDGET_S (seconds from the session start)
 bounds the step suite, which skips what would not fit, with the reason.
@@ -23,9 +23,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import importlib
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import tempfile
@@ -36,11 +38,10 @@ import pytest
 import torch
 
 try:
-    import pytest_benchmark  # noqa: F401
-
+    importlib.import_module("pytest_benchmark")
     # MAE_FAST_BENCH_SHIM=1 (with -p no:benchmark) exercises the stand-in where the plugin is installed
     HAVE_PYTEST_BENCHMARK = os.environ.get("MAE_FAST_BENCH_SHIM") != "1"
-except ImportError:  # e.g. the device machine: a minimal stand-in keeps the suites and the results file
+except ImportError:  # e.g. a bare GPU image: a minimal stand-in keeps the suites and the results file
     HAVE_PYTEST_BENCHMARK = False
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,8 +91,8 @@ def device_label() -> str:
 
 def commit_label() -> str:
     env = os.environ.get("MAE_FAST_COMMIT")
-    if env:
-        return env
+    if env:  # a full sha is shortened as git's below, so that one commit reads the same in every row
+        return env[:12] if re.fullmatch(r"[0-9a-f]{13,40}", env) else env
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=10).stdout.strip()
@@ -300,8 +301,8 @@ def median_op_seconds():
 @pytest.fixture(scope="module")
 def op_suite_env():
     """The op suites' CPU setting, restored after the module: the ops' vectorised PyTorch fallbacks
-    (not the slow Triton interpreter) on one thread (on a shared 2-core box, OpenMP spinning makes
-    multi-thread medians noise). CUDA runs are left as they are."""
+    (not the slow Triton interpreter) on one thread (on a small shared machine, OpenMP spinning
+    makes multi-thread medians noise). CUDA runs are left as they are."""
     old, threads = os.environ.get("TRITON_INTERPRET"), torch.get_num_threads()
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "0"

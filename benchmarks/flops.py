@@ -9,17 +9,18 @@ What a step does (the useful work of MAE, whatever an implementation wastes):
   - encoder blocks on the visible tokens (+ the cls token in the official model),
   - encoder -> decoder projection, decoder blocks on ALL tokens (+ cls in the official model),
   - prediction head: on all L patches by default (the official model's pred), or on the removed
-    patches only (pred_rows="removed": mae_fast's return_pred=False and the seed API's to_pixels).
+    patches only (pred_rows="removed": mae_fast's return_pred=False and the vit-pytorch API's
+    to_pixels).
 Backward = 2x forward (input gradient + weight gradient per matmul, dQ/dK/dV/dP for attention),
 except where an input needs no gradient: the official patch embedding reads raw pixels, so its
-backward is the weight gradient alone (1x). The seed API embeds LayerNorm(patches), whose weights
-need that input gradient, so its embedding backward is the full 2x.
+backward is the weight gradient alone (1x). The vit-pytorch API embeds LayerNorm(patches), whose
+weights need that input gradient, so its embedding backward is the full 2x.
 
 Attention FLOPs do not depend on the number of heads: QK^T and AV are each 2 * B * N * N * inner.
 Recomputation (flash attention's backward, activation checkpointing) is not counted: these are
 model FLOPs, the same numerator for every provider of a case, so MFU ratios equal speed ratios.
 
-    from benchmarks.flops import official_step_flops, seed_step_flops
+    from benchmarks.flops import official_step_flops, vit_pytorch_step_flops
     f = official_step_flops(model, batch=256, mask_ratio=0.75)   # f.total, f.forward, f.parts
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = ["StepFlops", "linear_flops", "attention_flops", "transformer_flops", "mae_step_flops",
-           "official_step_flops", "seed_step_flops", "model_step_flops"]
+           "official_step_flops", "vit_pytorch_step_flops", "model_step_flops"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def mae_step_flops(*, batch: int, num_patches: int, len_keep: int, patch_dim: in
                    dec_dim: int, dec_inner: int, dec_mlp: int, dec_depth: int,
                    prefix: int = 1, bridge: bool = True, enc_out_proj: bool = True, dec_out_proj: bool = True,
                    embed_rows="visible", pred_rows="all", embed_input_grad: bool = False) -> StepFlops:
-    """The general count. prefix: cls tokens in front of both sequences (1 official, 0 seed).
+    """The general count. prefix: cls tokens in front of both sequences (1 official, 0 vit-pytorch).
     embed_rows / pred_rows: "visible", "removed", "all" (per sample) or an int per sample."""
     B, L, K = batch, num_patches, len_keep
     M = L - K
@@ -109,7 +110,7 @@ def official_step_flops(model, batch: int, mask_ratio: float = 0.75, *, pred_row
         prefix=1, bridge=True, embed_rows=embed_rows, pred_rows=pred_rows, embed_input_grad=False)
 
 
-def _seed_transformer(t):
+def _vit_pytorch_transformer(t):
     layers = list(t.layers)
     if not layers:
         return 0, 0, True, 0
@@ -119,8 +120,8 @@ def _seed_transformer(t):
     return inner, ff.net[1].out_features, out_proj, len(layers)
 
 
-def seed_step_flops(model, batch: int, *, embed_rows="visible", pred_rows="removed") -> StepFlops:
-    """For a seed-API MAE (mae_fast.MAE, reference.MAE, vit_pytorch.MAE): no cls token in the
+def vit_pytorch_step_flops(model, batch: int, *, embed_rows="visible", pred_rows="removed") -> StepFlops:
+    """For a vit-pytorch-API MAE (mae_fast.MAE, reference.MAE, vit_pytorch.MAE): no cls token in the
     sequences, head on the removed patches only; the embedding sees LayerNorm(patches)."""
     enc = model.encoder
     embed = enc.to_patch_embedding[2]  # Patchify, LayerNorm, Linear, LayerNorm
@@ -129,8 +130,8 @@ def seed_step_flops(model, batch: int, *, embed_rows="visible", pred_rows="remov
     L = num_pos - (1 if getattr(enc, "pool", "mean") == "cls" else 0)
     M = int(model.masking_ratio * L)
     Dd = model.decoder_dim
-    e_inner, e_mlp, e_proj, e_depth = _seed_transformer(enc.transformer)
-    d_inner, d_mlp, d_proj, d_depth = _seed_transformer(model.decoder)
+    e_inner, e_mlp, e_proj, e_depth = _vit_pytorch_transformer(enc.transformer)
+    d_inner, d_mlp, d_proj, d_depth = _vit_pytorch_transformer(model.decoder)
     return mae_step_flops(
         batch=batch, num_patches=L, len_keep=L - M, patch_dim=patch_dim,
         enc_dim=D, enc_inner=e_inner, enc_mlp=e_mlp, enc_depth=e_depth,
@@ -140,7 +141,8 @@ def seed_step_flops(model, batch: int, *, embed_rows="visible", pred_rows="remov
 
 
 def model_step_flops(model, batch: int, mask_ratio: float = 0.75, **kw) -> StepFlops:
-    """Dispatches on the layout: official (has blocks/decoder_blocks) or seed (has encoder.transformer)."""
+    """Dispatches on the layout: official (has blocks/decoder_blocks) or vit-pytorch
+    (has encoder.transformer)."""
     if hasattr(model, "decoder_blocks"):
         return official_step_flops(model, batch, mask_ratio, **kw)
-    return seed_step_flops(model, batch, **kw)
+    return vit_pytorch_step_flops(model, batch, **kw)

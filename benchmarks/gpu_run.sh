@@ -1,31 +1,31 @@
 #!/usr/bin/env bash
-# One GPU run: build the extension, print mae_fast.info, run `pytest -m gpu tests/`, run the GPU
-# benchmarks (training step first, then a profile of the ViT-B/16 step by kernel category
-# (gpu_logs/profile.md), then the fused ops), write results + markdown + chart under
-# benchmarks/results/, and print a short summary table last. Sized for one H200 in < 8 minutes,
+# One GPU run: build the extension, print mae_fast.info, run the `gpu`-marked tests, run the GPU
+# benchmarks (training step first, then a profile of the ViT-B/16 step by kernel category, then
+# the fused ops), append the rows to benchmarks/results/results.csv, write the device's markdown
+# report and chart there, and print a short summary table last. Sized for one H200 in < 8 minutes,
 # no network. Every stage has a timeout; a failed or timed-out stage is reported and the later
 # stages still run (pytest is stopped with SIGINT, so the rows measured so far are still written).
+# Raw logs go to $MAE_FAST_RESULTS_DIR/gpu_logs/, which is not committed.
 #
-#   MAE_FAST_COMMIT=<sha> bash benchmarks/gpu_run.sh     # the sha: the tree copied there has no .git
+#   MAE_FAST_COMMIT=<sha> bash benchmarks/gpu_run.sh     # the sha where the tree has no .git
+#   bash benchmarks/gpu_run.sh --dry-run                 # the stages and their time limits, nothing run
+#   bash benchmarks/gpu_run.sh --help
 #
-# Everything does not fit one 10-minute call (each compiled provider compiles for about a minute).
-# Session 4 split it over two calls on one warm machine, with one MAE_FAST_BENCH_DATE for both:
+# A full run does not fit a 10-minute limit (each compiled provider compiles for about a minute).
+# Two calls on one warm machine, with one MAE_FAST_BENCH_DATE for both, make one run:
 #   1) MAE_FAST_GPU_BUDGET_S=420 MAE_FAST_BENCH_PROVIDERS=mae_fast,mae_fast_pred,reference,hf,vit_pytorch
-#   2) MAE_FAST_GPU_STAGES=info,bench-step,report MAE_FAST_RESULTS_DIR=benchmarks/results/call2
+#   2) MAE_FAST_GPU_STAGES=info,bench-step,report
 #      MAE_FAST_BENCH_PROVIDERS=mae_fast_graphed,mae_fast_compiled,reference_compiled (budget: what is left)
-# The next run also decides the attention default (mae_fast.ops.attention vs SDPA, never timed) and
-# checks session 6's eager default, add + LayerNorm as torch ops (mae_fast_fused: the fused kernel):
-#   1) add mae_fast_triton_attn,mae_fast_fused,mae_fast_triton_attn_fused to the providers, and
-#      MAE_FAST_BENCH_OPS=attention (the other op suites ran in session 4; all of them do not fit)
-#   2) MAE_FAST_GPU_STAGES=info,bench-step,profile,report, MAE_FAST_BENCH_PROVIDERS=mae_fast_graphed,
-#      mae_fast_triton_attn_graphed,reference_compiled, MAE_FAST_PROFILE_PROVIDERS=mae_fast,mae_fast_graphed
-#      (the eager one's host profile says where its host time goes), MAE_FAST_PROFILE_S=150
+# The opt-in providers (own attention kernels, fused add + LayerNorm) run when named:
+#   MAE_FAST_BENCH_PROVIDERS=mae_fast,mae_fast_triton_attn,mae_fast_fused,mae_fast_triton_attn_fused,reference
+#   MAE_FAST_BENCH_OPS=attention MAE_FAST_PROFILE_PROVIDERS=mae_fast,mae_fast_graphed MAE_FAST_PROFILE_S=150
 #
 # Environment knobs (defaults in brackets):
 #   MAE_FAST_GPU_BUDGET_S [450]  wall-clock budget of the whole script; stages shrink to fit
-#   MAE_FAST_GPU_STAGES [all]    the stages to run, e.g. "info,bench-step,report" for a second call on
+#   MAE_FAST_GPU_STAGES [all]    the stages to run (build, info, gpu-tests, bench-step, profile,
+#                                bench-ops, report), e.g. "info,bench-step,report" for a second call on
 #                                a warm machine; bench-step then takes the time of the stages left out
-#   MAE_FAST_BENCH_CASES, MAE_FAST_BENCH_PROVIDERS, MAE_FAST_BENCH_ROUNDS   see test_bench_step.py
+#   MAE_FAST_BENCH_CASES, MAE_FAST_BENCH_PROVIDERS, MAE_FAST_BENCH_ROUNDS   see benchmarks/steps.py
 #   MAE_FAST_GPU_TEST_JOBS [4]   concurrent pytest processes of the gpu-tests stage
 #   MAE_FAST_BENCH_OPS [all]     the op suites of bench-ops, e.g. "attention,add_layer_norm"
 #                                (benchmarks/test_bench_<op>.py)
@@ -34,15 +34,23 @@
 #   MAE_FAST_PROFILE_S [45]      the profile stage's time (a compiled provider compiles first: ~120)
 #   MAE_FAST_RESULTS_DIR [benchmarks/results]   where results.csv, <gpu>.md/.png and gpu_logs/ go
 #   TORCH_CUDA_ARCH_LIST [9.0]   only the H200's arch: half the nvcc time of the default 8.0;9.0+PTX
-# Where $OUT is set (the device runner's output folder) benchmarks/results/ is archived there at the end.
+# Where $OUT is set (a runner's output folder) the results folder, logs included, is archived
+# there at the end as gpu_results.tgz.
 set -uo pipefail
+DRY_RUN=0
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  -n|--dry-run) DRY_RUN=1 ;;
+  "") ;;
+  *) echo "usage: bash benchmarks/gpu_run.sh [--dry-run | --help]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
 T0=$(date +%s)
 BUDGET=${MAE_FAST_GPU_BUDGET_S:-450}
 RES=${MAE_FAST_RESULTS_DIR:-benchmarks/results}
-LOGS=$RES/gpu_logs
-mkdir -p "$LOGS"
+LOGS=$RES/gpu_logs  # not committed: benchmarks/results/gpu_logs/ is in .gitignore
+(( DRY_RUN )) || mkdir -p "$LOGS"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -68,6 +76,10 @@ stage() {
     return 0
   fi
   echo "=== [$name] (timeout ${limit}s, $(elapsed)s elapsed): $*"
+  if (( DRY_RUN )); then
+    SUMMARY+=("$(printf '%-12s would run with a %ss timeout' "$name" "$limit")")
+    return 0
+  fi
   local s rc
   s=$(date +%s)
   # SIGINT to the whole process group (timeout without --foreground): pytest then still writes
@@ -144,9 +156,10 @@ gpu_tests() {
   # many-shape sweeps last, dealt round-robin to MAE_FAST_GPU_TEST_JOBS [4] concurrent pytest
   # processes: their Triton compiles (CPU work, most of a GPU test's time) run in parallel
   local first="test_extension test_models test_attention test_patchify test_masked_mse_loss test_add_layer_norm test_tokens"
-  local files=() f i r rc=0 jobs=${MAE_FAST_GPU_TEST_JOBS:-4}
-  for f in $first; do files+=("tests/$f.py"); done
-  for f in tests/test_*.py; do [[ " $first " == *" $(basename "$f" .py) "* ]] || files+=("$f"); done
+  local files=() f i r rc=0 jobs=${MAE_FAST_GPU_TEST_JOBS:-4} all
+  all=$(find tests -name 'test_*.py' | sort)
+  for f in $first; do files+=($(grep "/$f\.py\$" <<< "$all")); done
+  for f in $all; do [[ " $first " == *" $(basename "$f" .py) "* ]] || files+=("$f"); done
   local -a groups=() pids=()
   for i in "${!files[@]}"; do groups[i % jobs]+=" ${files[i]}"; done
   # the stage's timeout sends SIGINT to every process: the jobs' pytest then writes its summary
@@ -174,14 +187,19 @@ gpu_name() { python -c "import torch; print(torch.cuda.get_device_name() if torc
 
 report() {
   local dev; dev=$(gpu_name)
-  python -m benchmarks.report --csv "$RES/results.csv" --outdir "$RES" --device "$dev" > "$LOGS/report.md"
+  python -m benchmarks.report --csv "$RES/results.csv" --outdir "$RES" --device "$dev" --profile "$LOGS/profile.md" \
+    > "$LOGS/report.md"
 }
 
 export ROOT RES LOGS
 export -f build verify bench_opts bench_step profile gpu_tests bench_ops gpu_name report
 
 echo "mae_fast GPU run: $(date -u), budget ${BUDGET}s, run id $MAE_FAST_BENCH_DATE, commit ${MAE_FAST_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | head -3
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | head -3
+else
+  echo "nvidia-smi: not found"
+fi
 
 stage build 200 $(( BUDGET - 250 )) build
 stage info 40 $(( BUDGET - 230 )) verify
@@ -195,11 +213,12 @@ stage profile "$PROFILE_S" $(( BUDGET - 25 - $(wanted bench-ops && echo 45 || ec
 stage bench-ops 120 $(( BUDGET - 25 )) bench_ops
 stage report 30 "$BUDGET" report
 
-if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then  # one archive: the runner returns few files, 2 folders deep
+if (( ! DRY_RUN )) && [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then  # one archive: a runner may return few files
   tar czf "$OUT/gpu_results.tgz" "$RES" && echo "archived $RES to \$OUT/gpu_results.tgz"
 fi
 
 echo
 echo "=============================== summary ($(elapsed)s) ==============================="
 for line in "${SUMMARY[@]}"; do echo "$line"; done
+(( DRY_RUN )) && exit 0
 python -m benchmarks.report --csv "$RES/results.csv" --device "$(gpu_name)" --summary 2>&1 | tail -45

@@ -2,16 +2,17 @@
 negligible: a GPU-free measure of what a host-bound GPU step waits on (it times Python, dispatch
 and autograd, not kernels).
 
-On an H200 the eager ViT-B step of mae_fast spent 52 ms in kernels of a 102 ms step: the GPU was
-busy 51% of it (benchmarks/results/gpu_logs/session4/profile.md). Its host time then sets the
-speed. Here each provider runs a ViT-L-deep model (24 + 8 blocks, width 64, batch 2) in fp32
-on one thread, on 64 px images (16 patches: 5 encoder and 17 decoder tokens, so that attention's
-N^2 arithmetic is negligible too; at 224 px the CPU attention of the SDPA and math rows took ~12 ms
-of a ~65 ms step). `mae_fast (fused)` takes the fused add + LayerNorm path as on CUDA with
-set_fused_add_norm(True), its kernels replaced by the allocations they would make (`torch.library`: through the custom op's
-dispatch, which eager calls no longer take; `own attention`: the blocks' attention on
-mae_fast.ops.attention, also with no-op kernels). Providers run round-robin, one step each per
-round, so the load of a shared machine hits them alike; the medians are reported.
+An eager ViT-B/16 step of mae_fast on an H200 is host-bound: its kernels keep the GPU busy about
+half of the step (docs/benchmarks.md, "Where a step's time goes"), so its host time sets the speed.
+Here each provider runs a ViT-L-deep model (24 + 8 blocks, width 64, batch 2) in fp32 on one
+thread, on 64 px images (16 patches: 5 encoder and 17 decoder tokens, so that attention's N^2
+arithmetic is negligible too; at 224 px the CPU attention arithmetic of the SDPA and explicit-softmax
+rows would weigh in). `mae_fast (fused)` takes the fused add + LayerNorm path as on CUDA with
+set_fused_add_norm(True), its kernels replaced by the allocations they would make
+(`torch.library`: through the custom op's dispatch, which eager calls do not take; `own attention`:
+the blocks' attention on mae_fast.ops.attention, also with no-op kernels). Providers run
+round-robin, one step each per round, so the load of a shared machine hits them alike; the medians
+are reported.
 
     python -m benchmarks.host_overhead [--rounds 30]
 """
@@ -31,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import test_bench_step as S  # noqa: E402
+from benchmarks import steps as S  # noqa: E402
 from mae_fast.models import blocks as layers  # noqa: E402
 
-CASE = S._official("host-vit_l-depth", 2, 64, 16, 64, 24, 2, 32, 8, 2)
+CASE = S.official_case("host-vit_l-depth", 2, 64, 16, 64, 24, 2, 32, 8, 2)
 
 
 def _no_op_kernels():
@@ -67,9 +68,9 @@ def _no_op_attention():
 
 def _fused_path(via_dispatcher: bool = False, attention: bool = False, add_norm: bool = True):
     """layers and the op take the kernel path, with no-op kernels; via_dispatcher: through the
-    torch.library custom op, as eager calls did before _AddLayerNormEager; attention: the blocks'
-    attention too (mae_fast.ops.attention, for the mae_fast_triton_attn provider); add_norm=False:
-    the attention only."""
+    torch.library custom op instead of _AddLayerNormEager (what the dispatch costs); attention: the
+    blocks' attention too (mae_fast.ops.attention, for the mae_fast_triton_attn provider);
+    add_norm=False: the attention only."""
     k = _no_op_kernels()
     aln = sys.modules["mae_fast.ops.add_layer_norm"]
     patches = [mock.patch.object(layers, "triton_kernels", lambda name, t: k),
@@ -97,7 +98,7 @@ def measure(rounds: int, case=CASE, warmup: int = 3) -> dict:
                                    ("mae_fast (plain ops, own attention)", "mae_fast_triton_attn",
                                     dict(attention=True, add_norm=False))]:
         try:
-            _, _, _, step, _ = S._make_step(case, provider)
+            _, _, _, step, _ = S.make_step(case, provider)
         except S.PeerUnavailable as e:
             print(f"[host] {label} skipped: {e}")
             continue

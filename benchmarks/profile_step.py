@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import test_bench_step as S  # noqa: E402
+from benchmarks import steps as S  # noqa: E402
 from benchmarks.common import device_name  # noqa: E402
 
 # first match wins; matched against the lower-cased kernel (CUDA) or aten op (CPU) name
@@ -54,16 +54,16 @@ def profile_provider(case, provider: str, steps: int, warmup: int, host_steps: i
     and with host_steps, host_profile's report of that many more."""
     from torch.profiler import ProfilerActivity, profile
 
-    model, opt, _, step, _ = S._make_step(case, provider)
+    model, opt, _, step, _ = S.make_step(case, provider)
     for _ in range(warmup):
         step()
-    S._sync()
+    S.sync()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if S.CUDA else [])
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        S._sync()
+        S.sync()
         wall = (time.perf_counter() - t0) / steps
     times, launches = defaultdict(float), 0
     if S.CUDA:  # device-side events only (kernels, memcpy/memset): the aten ops above them also
@@ -78,7 +78,7 @@ def profile_provider(case, provider: str, steps: int, warmup: int, host_steps: i
                 times[e.key] += e.self_cpu_time_total * 1e-6 / steps
     host = host_profile(step, host_steps) if host_steps else None
     del model, opt, step
-    S._cleanup(S.compile_mode(provider) is not None)
+    S.cleanup(S.compile_mode(provider) is not None)
     return dict(wall=wall, times=dict(times), launches=launches / steps, host=host)
 
 
@@ -91,16 +91,16 @@ def host_profile(step, steps: int, top: int = 12) -> dict:
 
     returns = []
     for _ in range(steps):
-        S._sync()
+        S.sync()
         t = time.perf_counter()
         step()
         returns.append(time.perf_counter() - t)
-    S._sync()
+    S.sync()
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(steps):
         step()
-    S._sync()
+    S.sync()
     prof.disable()
     stats = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
     rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
@@ -138,16 +138,15 @@ def render(case, results: dict, top: int = 8) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cases = {c.name: c for c in S.GPU_CASES + S.CPU_CASES + S.QUICK_CASES}
-    p.add_argument("--case", default="official-vit_b16" if S.CUDA else "official-tiny", choices=sorted(cases))
+    p.add_argument("--case", default="official-vit_b16" if S.CUDA else "official-tiny", choices=sorted(S.ALL_CASES))
     p.add_argument("--providers", default="mae_fast,reference",
-                   help="comma-separated providers of benchmarks/test_bench_step.py")
+                   help="comma-separated providers of benchmarks/steps.py")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--host-steps", type=int, default=3, help="steps of the host profile (0: none)")
     p.add_argument("--out", type=Path, help="also write the markdown here")
     args = p.parse_args(argv)
-    case = cases[args.case]
+    case = S.ALL_CASES[args.case]
     providers = [x for x in args.providers.split(",") if x]
     unknown = [x for x in providers if x not in S.PROVIDERS[case.api]]
     if unknown:

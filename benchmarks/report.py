@@ -1,13 +1,13 @@
 """Turns benchmarks/results/results.csv (long format, appended by `pytest benchmarks/`) into a
-markdown table for the README and a PNG bar chart of training-step images/s per provider.
+markdown report per device and a PNG bar chart of training-step images/s per provider.
 
     python -m benchmarks.report                       # every device's latest run
     python benchmarks/report.py --device CPU --md benchmarks/results/cpu.md --png benchmarks/results/cpu.png
     python -m benchmarks.report --csv /tmp/mae_fast_bench_quick.csv --md - --png /tmp/quick.png
 
 A run is the set of rows sharing (device, date): speedups are ratios of rows of one run only,
-never across runs or devices. The issue's targets are noted where they apply, with the measured
-value, the target and their ratio. Without --md/--png, each run goes to
+never across runs or devices. The performance targets (targets_for) are noted where they apply,
+with the measured value, the target and their ratio. Without --md/--png, each run goes to
 benchmarks/results/<device slug>.md and .png; --md - prints the markdown only.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_CSV = RESULTS / "results.csv"
 
 OPT_IN = ["mae_fast_triton_attn", "mae_fast_triton_attn_compiled", "mae_fast_triton_attn_graphed",
-          "mae_fast_triton_attn_fused", "mae_fast_fused"]  # benchmarks/test_bench_step.py's opt-in providers
+          "mae_fast_triton_attn_fused", "mae_fast_fused"]  # benchmarks/steps.py's opt-in providers
 OURS = ["mae_fast", "mae_fast_pred", "mae_fast_compiled", "mae_fast_graphed", *OPT_IN]
 PEERS = ["reference", "reference_compiled", "hf", "vit_pytorch"]
 PROVIDER_ORDER = OURS + PEERS
@@ -38,7 +38,7 @@ PROVIDER_NOTES = {
     "mae_fast_triton_attn_compiled": "torch.compile of mae_fast_triton_attn",
     "mae_fast_triton_attn_graphed": "torch.compile(mode='reduce-overhead') of mae_fast_triton_attn",
     "mae_fast_fused": "mae_fast, eager, each residual add fused into the next LayerNorm's kernel "
-                      "(set_fused_add_norm(True); mae_fast's eager default in runs before 2026-11-29)",
+                      "(set_fused_add_norm(True))",
     "mae_fast_triton_attn_fused": "mae_fast_fused with its own attention kernels",
     "reference": "mae_fast.testing.reference, eager, explicit softmax attention",
     "reference_compiled": "torch.compile(reference)",
@@ -47,7 +47,7 @@ PROVIDER_NOTES = {
 }
 
 
-# ----------------------------------------------------------------------------- targets (issue 6)
+# ----------------------------------------------------------------------------- targets
 
 def targets_for(device: str):
     """[(label, case, provider, kind, peer, target, higher_is_better)]; kind: images_per_s |
@@ -67,7 +67,7 @@ def targets_for(device: str):
                     ("peak memory <= the reference's", case, p, "memory", "reference", 1.0, False),
                 ]
     if device.startswith("CPU"):
-        for case in ("official-tiny", "seed-tiny"):
+        for case in ("official-tiny", "vit_pytorch-tiny"):
             out += [
                 ("CPU tiny: no slower than the eager reference", case, "mae_fast", "speedup", "reference", 1.0, True),
                 ("CPU tiny: no slower than the eager reference (interleaved)", case, "mae_fast",
@@ -124,8 +124,9 @@ def step_cases(run):
     for (case, _), m in run["metrics"].items():
         if "images_per_s" in m and case not in cases:
             cases.append(case)
+    ops = {c for (c, _), m in run["metrics"].items() if "gbps" in m}  # the op suites' cases
     for (case, _) in run["skipped"]:
-        if case not in cases and not case.startswith("ceiling"):
+        if case not in cases and case not in ops and not case.startswith("ceiling"):
             cases.append(case)
     return cases
 
@@ -173,7 +174,7 @@ def markdown(run, profile: str = "") -> str:
             batch = next((M[(case, p)].get("batch") for p in provs if "batch" in M[(case, p)]), None)
             ilv = "reference" in provs and any("images_per_s_interleaved" in M[(case, p)] for p in provs)
             lines += [f"### {case}" + (f" (batch {int(batch)})" if batch else ""), "",
-                      "| provider | images/s | ms/step | peak MB | TFLOP/s | MFU | "
+                      "| provider | images/s | ms/step | peak MiB | TFLOP/s | MFU | "
                       + " | ".join(f"vs {p}" for p in peers) + (" | vs reference, interleaved" if ilv else "") + " |",
                       "|---|---:|---:|---:|---:|---:|" + "---:|" * (len(peers) + ilv)]
             for p in provs:
@@ -207,7 +208,7 @@ def markdown(run, profile: str = "") -> str:
 
     tgt = target_rows(run)
     if tgt:
-        lines += ["## Targets (issue 6)", "", "| target | case | provider | measured | target | measured/target | met |",
+        lines += ["## Targets", "", "| target | case | provider | measured | target | measured/target | met |",
                   "|---|---|---|---:|---:|---:|:---:|"]
         for label, case, p, measured, target, hib in tgt:
             if measured is None:
@@ -290,7 +291,7 @@ def summary(run) -> str:
     lines = [f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['commit']} | {meta['date']}",
              *fallback_warning(run),
              f"{'case':18s} {'provider':19s} {'img/s':>9s} {'vs ref':>7s} {'vs ref_c':>8s} {'vs hf/vp':>8s} "
-             f"{'peak MB':>9s} {'MFU':>6s}"]
+             f"{'peak MiB':>9s} {'MFU':>6s}"]
     for case in step_cases(run):
         for p in _providers(run, case):
             m = M[(case, p)]
@@ -378,7 +379,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run", default=None, help="the run whose id (date) starts with this, instead of the latest")
     ap.add_argument("--profile", type=Path, default=None,
                     help="profile_step markdown of the same run to append; default <outdir>/gpu_logs/profile.md "
-                         "where it exists (gpu_run.sh writes it there)")
+                         "where it exists (gpu_run.sh writes its logs there; they are not committed)")
     args = ap.parse_args(argv)
     if not args.csv.exists():
         print(f"no results file at {args.csv}: run `pytest benchmarks/` first", file=sys.stderr)

@@ -110,7 +110,7 @@ def count(preset: str, batch: int, fused: bool, attention: str = "sdpa") -> dict
             layers.set_attention_backend(before)
     out = {}
     for op in set(counted[2]) | set(counted[4]):
-        (n2, b2), (n4, b4) = counted[2].get(op, (0, 0)), counted[4].get(op, (0, 0))
+        (_, b2), (n4, b4) = counted[2].get(op, (0, 0)), counted[4].get(op, (0, 0))
         per_image = (b4 - b2) / 2
         out[op] = (n4, (b2 - 2 * per_image) + per_image * batch)
     return out

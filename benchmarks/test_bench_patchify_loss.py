@@ -78,7 +78,7 @@ def _fn(op, impl, mode, x):
         arg = x["imgs"]
     else:
         kw = {"mask": x["mask"]} if op == "loss_mask" else {"ids": x["ids"]}
-        norm = op == "loss_mask"  # the official loss with norm_pix_loss; the seed loss without
+        norm = op == "loss_mask"  # the official loss with norm_pix_loss; the vit-pytorch loss without
 
         def f_mae(pred):
             return mae_fast.ops.masked_mse_loss(pred, x["imgs"], p, norm_pix=norm, **kw)

@@ -1,11 +1,12 @@
 """Benchmarks (measurements, not tests): the token shuffle (gather_tokens) and the decoder-input
-unshuffle (unshuffle_tokens) against the eager ways of the seed and the official code and
+unshuffle (unshuffle_tokens) against the eager ways of the vit-pytorch and the official code and
 torch.compile of those, forward and forward+backward.
 
   unshuffle_official  cls prefix, fp32 frozen pos table (1, 1 + L, D), fp32 mask_token (1, 1, D);
                       eager = cat([x[:, 1:], mask tokens]) + gather by ids_restore + cat cls + pos
                       (reference.MaskedAutoencoderViT.forward_decoder)
-  unshuffle_seed      no prefix, learnable fp32 pos (L, D) (its gradient is computed), mask_token (D,);
+  unshuffle_vit_pytorch
+                      no prefix, learnable fp32 pos (L, D) (its gradient is computed), mask_token (D,);
                       eager = torch.zeros + two index_put writes of (tokens + pos rows) and
                       (mask tokens + pos rows) (vit_pytorch/mae.py)
   gather              x (B, L, D) -> (B, K, D) rows ids_keep; eager = torch.gather (reference)
@@ -16,7 +17,7 @@ implementation returns the activation dtype (the official code would otherwise p
 CUDA: B=256, L=196 (224/16), K=49 (mask ratio 0.75), D=512 bf16 (the MAE decoder), D=1024 bf16 and
 fp32 (ViT-L width); data already on the device; median of triton.testing.do_bench (no per-call
 sync), pytest-benchmark rounds synchronise. CPU: small shapes, 1 thread; the compiled baselines
-only with MAE_FAST_BENCH_COMPILE_ALL=1 (each compile costs ~10 s on a 2-core box).
+only with MAE_FAST_BENCH_COMPILE_ALL=1 (each compile costs seconds on a small CPU).
 
 benchmark.extra_info holds the counted bytes (the minimum traffic: rows read and written once,
 index tensors, the pos table and its gradient where computed), the achieved GB/s and the speedup
@@ -37,7 +38,7 @@ L, RATIO = 196, 0.75
 CASES = ([(256, 512, torch.bfloat16), (256, 1024, torch.bfloat16), (256, 1024, torch.float32)] if CUDA
          else [(8, 64, torch.float32), (8, 256, torch.bfloat16)])
 IMPLS = ["mae_fast", "eager", "compiled"]
-OPS = ["unshuffle_official", "unshuffle_seed", "gather"]
+OPS = ["unshuffle_official", "unshuffle_vit_pytorch", "gather"]
 MODES = ["fwd", "fwd_bwd"]
 
 _RESULTS = {}
@@ -89,8 +90,8 @@ def _setup(op, B, D, dtype):
             return torch.cat([x[:, :1, :], x_], dim=1) + pos.to(x.dtype)
         return [x, mask_token], f_mae, f_eager, fwd_bytes, bwd_bytes
 
-    # unshuffle_seed: vit-pytorch's decoder input, masked = first num_masked of argsort(noise)
-    masked, unmasked = R.seed_masking(B, L, RATIO, noise=noise)
+    # unshuffle_vit_pytorch: vit-pytorch's decoder input, masked = first num_masked of argsort(noise)
+    masked, unmasked = R.vit_pytorch_masking(B, L, RATIO, noise=noise)
     K = unmasked.shape[1]
     x = torch.randn(B, K, D, device=DEVICE, generator=g).to(dtype)
     mask_token = torch.randn(D, device=DEVICE, generator=g)

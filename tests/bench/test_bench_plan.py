@@ -1,9 +1,8 @@
-"""benchmarks/test_bench_step.py's plan: compile modes of the providers, and the order the GPU run
-measures them in (under a time budget the tail is what gets dropped)."""
+"""The step benchmark's plan (benchmarks/steps.py): compile modes of the providers, and the order
+the GPU run measures them in (under a time budget the tail is what gets dropped)."""
 import sys
-from pathlib import Path
 
-from benchmarks import test_bench_step as S  # noqa: E402
+from benchmarks import steps as S
 
 
 def test_compile_modes():
@@ -18,7 +17,7 @@ def test_gpu_order_measures_vit_b_whole_then_eager_then_compiled_then_graphs(mon
     monkeypatch.setitem(S.PROVIDERS, "official", official)  # as a CUDA import lists them
     monkeypatch.delenv("MAE_FAST_BENCH_CASES", raising=False)
     monkeypatch.delenv("MAE_FAST_BENCH_PROVIDERS", raising=False)
-    plan = [(c.name, p) for c, p in S._selected(quick=False)]
+    plan = [(c.name, p) for c, p in S.selected(quick=False)]
     first = S.GPU_CASES[0].name
     assert plan[:len(official)] == [(first, p) for p in official]  # ViT-B/16 whole, graphs last of it
     rest = plan[len(official):]
@@ -31,10 +30,10 @@ def test_gpu_order_measures_vit_b_whole_then_eager_then_compiled_then_graphs(mon
 def test_triton_attention_providers_run_only_when_named(monkeypatch):
     monkeypatch.delenv("MAE_FAST_BENCH_CASES", raising=False)
     monkeypatch.delenv("MAE_FAST_BENCH_PROVIDERS", raising=False)
-    assert not any(S.TRITON_ATTN in p for _, p in S._selected(quick=True))
+    assert not any(S.TRITON_ATTN in p for _, p in S.selected(quick=True))
     monkeypatch.setenv("MAE_FAST_BENCH_PROVIDERS", "mae_fast,mae_fast_triton_attn_graphed")
-    plan = [(c.api, p) for c, p in S._selected(quick=True)]
-    assert ("official", "mae_fast_triton_attn_graphed") in plan and ("seed", "mae_fast") in plan
+    plan = [(c.api, p) for c, p in S.selected(quick=True)]
+    assert ("official", "mae_fast_triton_attn_graphed") in plan and ("vit-pytorch", "mae_fast") in plan
     assert S.compile_mode("mae_fast_triton_attn_graphed") == "reduce-overhead"
 
 
@@ -54,7 +53,7 @@ def test_triton_attention_provider_steps_on_the_op(monkeypatch):
     case = S.QUICK_CASES[0]
     for provider, expect in (("mae_fast", 0), ("mae_fast_triton_attn", case.depth + case.dec_depth)):
         calls.clear()
-        S._make_step(case, provider)[3]()
+        S.make_step(case, provider)[3]()
         assert len(calls) == expect, provider
         assert mae_fast.attention_backend() == "sdpa"
 
@@ -68,7 +67,7 @@ def test_only_the_fused_provider_steps_with_the_fused_add_norm(monkeypatch):
     case = S.QUICK_CASES[0]
     monkeypatch.setattr(sys.modules["mae_fast.models.blocks"], "_fused_add_norm", True)
     for provider in ("mae_fast", "mae_fast_fused"):
-        step = S._make_step(case, provider)[3]
+        step = S.make_step(case, provider)[3]
         patches = H._fused_path()  # the kernel path, as on CUDA, with no-op kernels
         for p in patches:
             p.start()
@@ -87,8 +86,8 @@ def test_unknown_provider_or_case_names_the_variable(monkeypatch):
 
     monkeypatch.setenv("MAE_FAST_BENCH_PROVIDERS", "mae_fast,mae_fast_unfused")
     with pytest.raises(ValueError, match=r"MAE_FAST_BENCH_PROVIDERS: unknown \['mae_fast_unfused'\]"):
-        S._selected(quick=True)
+        S.selected(quick=True)
     monkeypatch.delenv("MAE_FAST_BENCH_PROVIDERS")
     monkeypatch.setenv("MAE_FAST_BENCH_CASES", "official-vit_b16,vit_b")
     with pytest.raises(ValueError, match=r"MAE_FAST_BENCH_CASES: unknown \['vit_b'\]"):
-        S._selected(quick=True)
+        S.selected(quick=True)

@@ -121,6 +121,6 @@ def test_fallback_runs_are_flagged(results, tmp_path):
 
 
 def test_bench_step_records_the_ops_path_on_cpu():
-    from benchmarks import test_bench_step
+    from benchmarks import steps
 
-    assert test_bench_step.ops_path() == "cpu"
+    assert steps.ops_path() == "cpu"

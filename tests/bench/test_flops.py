@@ -62,7 +62,7 @@ def test_official_reference_model():
     assert (fwd, total) == (expected.forward, expected.total)
 
 
-def _seed_model(heads=2, dim_head=8, dec_heads=2, dec_dim_head=6, decoder_dim=20, pool="mean", cls=mae_fast):
+def _vit_pytorch_model(heads=2, dim_head=8, dec_heads=2, dec_dim_head=6, decoder_dim=20, pool="mean", cls=mae_fast):
     enc = cls.ViT(image_size=(16, 20), patch_size=4, num_classes=0, dim=24, depth=2, heads=heads, mlp_dim=40,
                   dim_head=dim_head, pool=pool, channels=3)
     return cls.MAE(encoder=enc, decoder_dim=decoder_dim, masking_ratio=0.6, decoder_depth=2,
@@ -72,31 +72,31 @@ def _seed_model(heads=2, dim_head=8, dec_heads=2, dec_dim_head=6, decoder_dim=20
 @pytest.mark.parametrize("kw", [dict(), dict(pool="cls"), dict(decoder_dim=24),  # no enc_to_dec
                                 dict(dec_heads=1, dec_dim_head=20)],  # decoder without out-projection
                          ids=["mean", "cls", "same-dim", "no-out-proj"])
-def test_seed_fast_model(kw):
-    model = _seed_model(**kw)
+def test_vit_pytorch_fast_model(kw):
+    model = _vit_pytorch_model(**kw)
     img = torch.randn(B, 3, 16, 20)
     L = 20
     noise = torch.rand(B, L)
     fwd, total = _counted(lambda: model(img, noise), backward=True)
-    expected = flops.seed_step_flops(model, B)
+    expected = flops.vit_pytorch_step_flops(model, B)
     assert (fwd, total) == (expected.forward, expected.total)
     # the embedding's input is LayerNorm(patches): its input gradient is computed, so 2x throughout
     assert expected.backward == 2 * expected.forward
 
 
-def test_seed_reference_model():
+def test_vit_pytorch_reference_model():
     """The reference (like vit-pytorch) embeds all L patches before masking."""
     torch.manual_seed(0)
-    model = _seed_model(cls=R)
+    model = _vit_pytorch_model(cls=R)
     img, noise = torch.randn(B, 3, 16, 20), torch.rand(B, 20)
     fwd, total = _counted(lambda: model(img, noise), backward=True)
-    expected = flops.seed_step_flops(model, B, embed_rows="all")
+    expected = flops.vit_pytorch_step_flops(model, B, embed_rows="all")
     assert (fwd, total) == (expected.forward, expected.total)
 
 
 def test_vit_b16_numbers():
-    """ViT-B/16 MAE at 224, mask 0.75, by hand; ~58.1 GFLOP per image and step, which is the
-    issue's compute floor of ~13,600 images/s at the ~790 TFLOP/s bf16 ceiling of an H200."""
+    """ViT-B/16 MAE at 224, mask 0.75, by hand; ~58.1 GFLOP per image and step: a compute floor of
+    ~13,600 images/s at the ~790 TFLOP/s bf16 ceiling of an H200."""
     with torch.device("meta"):
         model = mae_fast.mae_vit_base_patch16()
     f = flops.official_step_flops(model, 1, 0.75)

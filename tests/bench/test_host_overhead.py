@@ -1,12 +1,9 @@
 """benchmarks/host_overhead.py on a tiny model: each row takes the path it names (CPU, no timing
 claims)."""
-import sys
-from pathlib import Path
+from benchmarks import host_overhead as H
+from benchmarks import steps as S
 
-from benchmarks import host_overhead as H  # noqa: E402
-from benchmarks import test_bench_step as S  # noqa: E402
-
-TINY = S._official("tiny-host", 2, 32, 8, 32, 2, 2, 32, 1, 2)
+TINY = S.official_case("tiny-host", 2, 32, 8, 32, 2, 2, 32, 1, 2)
 
 
 def count_launches(monkeypatch, factory: str, launcher: str) -> list:

@@ -1,10 +1,7 @@
 """benchmarks/profile_step.py: the kernel categories, and a one-step smoke run on CPU."""
-import sys
-from pathlib import Path
-
 import pytest
 
-from benchmarks import profile_step  # noqa: E402
+from benchmarks import profile_step
 
 
 @pytest.mark.parametrize("name, cat", [

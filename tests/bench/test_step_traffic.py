@@ -1,8 +1,5 @@
 """benchmarks/step_traffic.py on the tiny preset: it counts what it says (CPU, no timing)."""
-import sys
-from pathlib import Path
-
-from benchmarks import step_traffic as T  # noqa: E402
+from benchmarks import step_traffic as T
 
 
 def test_counts_scale_with_batch_and_see_the_fused_op():
