@@ -91,9 +91,7 @@ class _SplitHeads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, heads):
-        B, N, three_inner = qkv.shape
-        x = qkv.view(B, N, 3, heads, three_inner // (3 * heads)).permute(2, 0, 3, 1, 4)
-        return x[0], x[1], x[2]
+        return _head_views(qkv, heads)
 
     @staticmethod
     def backward(ctx, gq, gk, gv):
@@ -104,8 +102,18 @@ class _SplitHeads(torch.autograd.Function):
         return grad.view(B, N, 3 * H * d), None
 
 
+def _head_views(qkv: torch.Tensor, heads: int):
+    B, N, three_inner = qkv.shape
+    x = qkv.view(B, N, 3, heads, three_inner // (3 * heads)).permute(2, 0, 3, 1, 4)
+    return x[0], x[1], x[2]
+
+
 def split_heads(qkv: torch.Tensor, heads: int):
-    """(B, N, 3 * heads * d) -> three (B, heads, N, d) views."""
+    """(B, N, 3 * heads * d) -> three (B, heads, N, d) views. Under torch.compile the plain views:
+    inductor fuses their backward itself, and dynamo cannot lift the symbolic sizes of dynamic
+    shapes into an autograd.Function."""
+    if torch.compiler.is_compiling():
+        return _head_views(qkv, heads)
     return _SplitHeads.apply(qkv, heads)
 
 

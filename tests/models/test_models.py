@@ -242,6 +242,16 @@ def test_vit_pytorch_vit_matches_vit_pytorch_classifier():
     torch.testing.assert_close(ours(imgs), theirs(imgs), rtol=1e-5, atol=1e-5)
 
 
+def test_official_compiles_with_dynamic_shapes():
+    """dynamic=True makes the batch and the mask ratio symbolic: the keep count is then a symbolic
+    int, which must trace (fullgraph) and give the eager losses for a new batch and ratio."""
+    fast, _ = official_pair(norm_pix_loss=True)
+    compiled = torch.compile(fast, fullgraph=True, dynamic=True, backend="aot_eager")
+    for batch, ratio in ((2, 0.75), (3, 0.5)):
+        imgs, noise = torch.randn(batch, 3, 16, 24), torch.rand(batch, 24)
+        torch.testing.assert_close(compiled(imgs, ratio, noise)[0], fast(imgs, ratio, noise)[0], rtol=1e-4, atol=1e-6)
+
+
 def test_compiled_models_match_eager():
     fast, _ = official_pair(norm_pix_loss=True)
     imgs, noise = torch.randn(2, 3, 16, 24), torch.rand(2, 24)
