@@ -1,4 +1,4 @@
-"""Shared by the Triton op tests: the odd shapes of docs/design.md (tests), input layouts, and the poisoning of
+"""Shared by the Triton op tests: the odd shapes of docs/design.md, input layouts, and the poisoning of
 every buffer the kernels allocate, so that an element left unwritten fails."""
 import math
 import os

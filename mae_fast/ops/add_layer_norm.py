@@ -177,22 +177,8 @@ class _AddLayerNormEager(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- public API
 
-def add_layer_norm(x: Tensor, delta: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,
-                   out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
-    """Fused `residual = x + delta; normed = layer_norm(residual, (D,), weight, bias, eps)`.
-
-    x, delta: (..., D), same shape, any float dtypes. residual has
-    torch.promote_types(x.dtype, delta.dtype) (the sum is taken in fp32 and rounded once, as eager
-    does); normed is the LayerNorm (biased variance, fp32 arithmetic) of that ROUNDED residual,
-    stored in out_dtype (default: residual's dtype), so it equals eager `F.layer_norm(residual,
-    ...).to(out_dtype)`. Under bf16 autocast pass out_dtype=torch.bfloat16: the result is what
-    autocast's fp32 layer_norm followed by the next Linear's cast would give, in one pass.
-
-    Inputs are read in place when their last dim is contiguous and the leading dims flatten to
-    one row stride (slices along the leading dims included); otherwise they are copied first.
-    Both results are new contiguous tensors. Differentiable in x, delta, weight and bias (either
-    output may be unused); grad_weight / grad_bias are reduced deterministically (no atomics).
-    """
+def _check_args(x, delta, weight, bias, eps, out_dtype) -> None:
+    """add_layer_norm's argument checks."""
     others = {"delta": delta, "weight": weight} | ({} if bias is None else {"bias": bias})
     check_float(x, "x")
     for name, t in others.items():
@@ -214,6 +200,25 @@ def add_layer_norm(x: Tensor, delta: Tensor, weight: Tensor, bias: Optional[Tens
         raise ValueError(f"eps must be a finite float > 0, got {eps}")
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be None or one of float32, float16, bfloat16, float64, got {out_dtype!r}")
+
+
+def add_layer_norm(x: Tensor, delta: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,
+                   out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """Fused `residual = x + delta; normed = layer_norm(residual, (D,), weight, bias, eps)`.
+
+    x, delta: (..., D), same shape, any float dtypes. residual has
+    torch.promote_types(x.dtype, delta.dtype) (the sum is taken in fp32 and rounded once, as eager
+    does); normed is the LayerNorm (biased variance, fp32 arithmetic) of that ROUNDED residual,
+    stored in out_dtype (default: residual's dtype), so it equals eager `F.layer_norm(residual,
+    ...).to(out_dtype)`. Under bf16 autocast pass out_dtype=torch.bfloat16: the result is what
+    autocast's fp32 layer_norm followed by the next Linear's cast would give, in one pass.
+
+    Inputs are read in place when their last dim is contiguous and the leading dims flatten to
+    one row stride (slices along the leading dims included); otherwise they are copied first.
+    Both results are new contiguous tensors. Differentiable in x, delta, weight and bias (either
+    output may be unused); grad_weight / grad_bias are reduced deterministically (no atomics).
+    """
+    _check_args(x, delta, weight, bias, eps, out_dtype)
     eager = not torch.compiler.is_compiling() and _kernels(x, torch.promote_types(x.dtype, delta.dtype)) is not None
     op = _AddLayerNormEager.apply if eager else torch.ops.mae_fast.add_layer_norm
     res, normed, _, _ = op(x, delta, weight, bias, float(eps), out_dtype)

@@ -234,19 +234,8 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor, *, validate: bool = False)
     return torch.ops.mae_fast.tokens_gather(x, ids, bool(validate))
 
 
-def unshuffle_tokens(visible: torch.Tensor, ids_keep: torch.Tensor, num_patches: int, mask_token: torch.Tensor,
-                     pos: torch.Tensor | None = None, *, num_prefix: int = 0, validate: bool = False) -> torch.Tensor:
-    """The decoder input: visible tokens back in their slots, mask_token elsewhere, plus pos.
-
-    visible (B, num_prefix + K, D): its first num_prefix rows (the cls token) pass through.
-    ids_keep (B, K) int32/int64: slot of each visible token, in [0, num_patches), unique per row.
-    mask_token: (D,), (1, D) or (1, 1, D); pos: None, (num_prefix + num_patches, D) or
-    (1, num_prefix + num_patches, D), added to every row. mask_token and pos may have another float
-    dtype than visible (fp32 parameters under autocast): the sum is computed in fp32 and the output
-    has visible's dtype; their gradients come back in their own dtype.
-
-    out (B, num_prefix + num_patches, D): out[b, num_prefix + ids_keep[b, k]] = visible[b, num_prefix + k].
-    """
+def _check_unshuffle_args(visible, ids_keep, num_patches, mask_token, pos, num_prefix) -> tuple[int, int]:
+    """unshuffle_tokens' argument checks; returns (num_prefix, num_patches) as ints."""
     check_float(visible, "visible")
     if visible.dim() != 3:
         raise ValueError(f"visible must have shape (B, num_prefix + K, D), got {tuple(visible.shape)}")
@@ -271,6 +260,25 @@ def unshuffle_tokens(visible: torch.Tensor, ids_keep: torch.Tensor, num_patches:
             raise ValueError(f"pos must have shape (num_prefix + num_patches, D) = ({S}, {D}) or (1, {S}, {D}), "
                              f"got {tuple(pos.shape)}")
         check_device(pos, "pos", visible, "visible")
-        pos = pos.reshape(S, D)
+    return P, N
+
+
+def unshuffle_tokens(visible: torch.Tensor, ids_keep: torch.Tensor, num_patches: int, mask_token: torch.Tensor,
+                     pos: torch.Tensor | None = None, *, num_prefix: int = 0, validate: bool = False) -> torch.Tensor:
+    """The decoder input: visible tokens back in their slots, mask_token elsewhere, plus pos.
+
+    visible (B, num_prefix + K, D): its first num_prefix rows (the cls token) pass through.
+    ids_keep (B, K) int32/int64: slot of each visible token, in [0, num_patches), unique per row.
+    mask_token: (D,), (1, D) or (1, 1, D); pos: None, (num_prefix + num_patches, D) or
+    (1, num_prefix + num_patches, D), added to every row. mask_token and pos may have another float
+    dtype than visible (fp32 parameters under autocast): the sum is computed in fp32 and the output
+    has visible's dtype; their gradients come back in their own dtype.
+
+    out (B, num_prefix + num_patches, D): out[b, num_prefix + ids_keep[b, k]] = visible[b, num_prefix + k].
+    """
+    P, N = _check_unshuffle_args(visible, ids_keep, num_patches, mask_token, pos, num_prefix)
+    D = visible.shape[-1]
+    if pos is not None:
+        pos = pos.reshape(P + N, D)
     inv = torch.ops.mae_fast.tokens_invert(ids_keep, N, bool(validate))
     return torch.ops.mae_fast.tokens_unshuffle(visible, inv, mask_token.reshape(D), pos, P)

@@ -425,7 +425,7 @@ def test_gpu_vit_b_shapes(case):
     for out, low, o64 in zip([n, *gs], [nl, *gsl], [n64, *gs64]):
         if out.dtype == torch.float32 and out.dim() == 1:
             # weight/bias grads: fp32 sums over 12,800-50,432 rows (|sum| up to ~300), whose rounding
-            # in any sum order, torch's included, reaches ~1e-4. the fp32 rtol 1e-5 of docs/design.md, taken
+            # in any sum order, torch's included, reaches ~1e-4. The fp32 rtol 1e-5 of docs/design.md, taken
             # relative to the largest sum: elementwise it would demand full relative accuracy of
             # sums that cancel to near 0, and the 2x rule against torch's fp32 fails where torch's
             # own rounding happens to be near 0 (seen on an H200: 3.5e-5 over it, 2 ulp at 256)
