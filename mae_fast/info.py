@@ -18,6 +18,14 @@ def missing_cuda_kernels() -> list[str]:
     return missing + [f"mae_fast::{op} CUDA kernel" for op in tokens.OPS if not _common.has_kernel(op, "cuda")]
 
 
+def _setting(get, var: str) -> str:
+    """A blocks setting and the variable that sets it, or why the variable's value is unusable."""
+    try:
+        return f"{get()} ({var})"
+    except ValueError as e:
+        return f"unusable: {e}"
+
+
 def collect() -> dict:
     import torch
 
@@ -50,8 +58,8 @@ def collect() -> dict:
     missing = missing_cuda_kernels()
     info["CUDA kernels"] = "all present" if not missing else \
         f"missing {', '.join(missing)}: CUDA runs their PyTorch fallbacks"
-    info["blocks"] = (f"attention {blocks.attention_backend()} (MAE_FAST_ATTENTION), fused add + LayerNorm "
-                      f"{'on' if blocks.fused_add_norm() else 'off'} (MAE_FAST_FUSED_ADD_NORM)")
+    info["blocks"] = (f"attention {_setting(blocks.attention_backend, 'MAE_FAST_ATTENTION')}, fused add + LayerNorm "
+                      + _setting(lambda: "on" if blocks.fused_add_norm() else "off", "MAE_FAST_FUSED_ADD_NORM"))
     if torch.cuda.is_available():
         info["GPU"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     else:

@@ -39,16 +39,24 @@ def _set(name: str) -> str:
     return name
 
 
-_attention_backend = _set(_check_backend(os.environ.get("MAE_FAST_ATTENTION", "sdpa"), "MAE_FAST_ATTENTION"))
-
-
 def _check_flag(value: str, source: str) -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"{source} must be '0' or '1', got {value!r}")
     return value == "1"
 
 
-_fused_add_norm = _check_flag(os.environ.get("MAE_FAST_FUSED_ADD_NORM", "0"), "MAE_FAST_FUSED_ADD_NORM")
+def _from_env(var: str, default: str, parse):
+    """(setting, None), or (None, the error) for a bad value. The error is raised where the setting
+    is used, so that `import mae_fast`, `mae-fast --help` and `python -m mae_fast.info` still work."""
+    try:
+        return parse(os.environ.get(var, default), var), None
+    except ValueError as e:
+        return None, str(e)
+
+
+_attention_backend, _attention_env_error = _from_env("MAE_FAST_ATTENTION", "sdpa",
+                                                     lambda v, var: _set(_check_backend(v, var)))
+_fused_add_norm, _fused_add_norm_env_error = _from_env("MAE_FAST_FUSED_ADD_NORM", "0", _check_flag)
 
 
 def set_fused_add_norm(enabled: bool) -> None:
@@ -59,13 +67,15 @@ def set_fused_add_norm(enabled: bool) -> None:
     GPU is the bottleneck (docs/benchmarks.md has the measurements). Under torch.compile it never
     runs: inductor fuses add and norm itself. MAE_FAST_FUSED_ADD_NORM=1 sets the initial
     value. Global, read at each call."""
-    global _fused_add_norm
+    global _fused_add_norm, _fused_add_norm_env_error
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-    _fused_add_norm = enabled
+    _fused_add_norm, _fused_add_norm_env_error = enabled, None
 
 
 def fused_add_norm() -> bool:
+    if _fused_add_norm_env_error:
+        raise ValueError(_fused_add_norm_env_error)
     return _fused_add_norm
 
 
@@ -75,11 +85,13 @@ def set_attention_backend(name: str) -> None:
     direction; where its kernels run, i.e. CUDA or the Triton interpreter, without dropout; SDPA
     elsewhere). The environment variable MAE_FAST_ATTENTION sets the initial value. Global, read
     at each call (torch.compile guards on it and recompiles after a change)."""
-    global _attention_backend
-    _attention_backend = _set(_check_backend(name, "name"))
+    global _attention_backend, _attention_env_error
+    _attention_backend, _attention_env_error = _set(_check_backend(name, "name")), None
 
 
 def attention_backend() -> str:
+    if _attention_env_error:
+        raise ValueError(_attention_env_error)
     return _attention_backend
 
 
@@ -119,7 +131,7 @@ def split_heads(qkv: torch.Tensor, heads: int):
 
 def attend(qkv: torch.Tensor, heads: int, dropout_p: float = 0.0) -> torch.Tensor:
     """Multi-head self-attention of a fused qkv projection: (B, N, 3*inner) -> (B, N, inner)."""
-    if _attention_backend == "triton" and not dropout_p and _attention_kernels(qkv, heads) is not None:
+    if attention_backend() == "triton" and not dropout_p and _attention_kernels(qkv, heads) is not None:
         return fused_attention(qkv, heads)
     return attend_sdpa(qkv, heads, dropout_p)
 
@@ -188,7 +200,7 @@ def _fuses(x: torch.Tensor, norm: nn.Module) -> bool:
     """The fused add + LayerNorm runs when set_fused_add_norm(True), where it is a Triton kernel
     (CUDA; CPU under the interpreter), and not while torch.compile traces: inductor fuses add and
     norm itself, with their neighbours. A norm with hooks is called as a module, so its hooks run."""
-    return (_fused_add_norm and type(norm) is nn.LayerNorm and norm.weight is not None
+    return (fused_add_norm() and type(norm) is nn.LayerNorm and norm.weight is not None
             and len(norm.normalized_shape) == 1 and not has_hooks(norm) and not torch.compiler.is_compiling()
             and triton_kernels("add_layer_norm", x) is not None)
 

@@ -66,7 +66,7 @@ class MAE(nn.Module):
                              "at least one patch must be masked and one visible")
         if noise is None:
             noise = torch.rand(B, L, device=img.device)
-        check_noise(noise, B, L)
+        check_noise(noise, B, L, img.device)
         rand_indices = noise.argsort(dim=-1)
         masked, unmasked = rand_indices[:, :num_masked], rand_indices[:, num_masked:]
 

@@ -13,12 +13,15 @@ class Masking(NamedTuple):
     ids_restore: torch.Tensor  # (B, L) argsort of the shuffle
 
 
-def check_noise(noise, batch: int, num_patches: int) -> None:
+def check_noise(noise, batch: int, num_patches: int, device=None) -> None:
+    """noise: a floating (batch, num_patches) tensor, on `device` (the images') when given."""
     if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (batch, num_patches):
         got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
         raise ValueError(f"noise must be a (batch, num_patches) = ({batch}, {num_patches}) tensor, got {got}")
     if not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
+    if device is not None and noise.device != torch.device(device):
+        raise ValueError(f"noise must be on {torch.device(device)} like the images, got {noise.device}")
 
 
 def check_ratio(ratio, name: str, allow_zero: bool = False) -> None:
@@ -50,7 +53,7 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, noise=None, 
     len_keep = len_keep_for(num_patches, mask_ratio, allow_zero)
     if noise is None:
         noise = torch.rand(batch, num_patches, device=device)
-    check_noise(noise, batch, num_patches)
+    check_noise(noise, batch, num_patches, device)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     mask = (ids_restore >= len_keep).float()

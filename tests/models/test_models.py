@@ -447,6 +447,15 @@ def test_bad_noise_is_refused_by_both_models():
         vp(imgs, torch.randint(0, 5, (2, 24)))
 
 
+def test_noise_on_another_device_is_named():
+    fast, _ = official_pair()
+    vp, _ = vp_pair()
+    imgs, noise = torch.randn(2, 3, 16, 24), torch.rand(2, 24, device="meta")
+    for call in (lambda: fast(imgs, 0.75, noise), lambda: vp(imgs, noise)):
+        with pytest.raises(ValueError, match="noise must be on cpu like the images, got meta"):
+            call()
+
+
 def test_vit_pytorch_rejects_bad_input():
     vp, _ = vp_pair()
     with pytest.raises(ValueError, match=r"img must be \(batch, 3, H, W\) with 16x24"):

@@ -320,11 +320,16 @@ def test_bad_input_raises(name, call, exc, match):
         call()
 
 
-def test_bad_environment_variable_names_it():
+def test_bad_environment_variable_names_it_where_it_is_used():
+    """A bad value does not break `import mae_fast` (so --help and info still run): info shows it,
+    and the blocks raise it, naming the variable, when they attend."""
     env = dict(os.environ, MAE_FAST_ATTENTION="cudnn")
-    r = subprocess.run([sys.executable, "-c", "import mae_fast"], env=env, capture_output=True, text=True)
-    assert r.returncode != 0
-    assert "MAE_FAST_ATTENTION must be one of 'sdpa', 'triton', got 'cudnn'" in r.stderr
+    message = "MAE_FAST_ATTENTION must be one of 'sdpa', 'triton', got 'cudnn'"
+    info = subprocess.run([sys.executable, "-m", "mae_fast.info"], env=env, capture_output=True, text=True)
+    assert info.returncode == 0 and message in info.stdout, info.stderr
+    use = "import mae_fast, torch; mae_fast.models.blocks.attend(torch.randn(1, 4, 6), 1)"
+    r = subprocess.run([sys.executable, "-c", use], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and message in r.stderr
 
 
 # ----------------------------------------------------------------------------- GPU (compiled kernels)
