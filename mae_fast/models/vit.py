@@ -85,8 +85,8 @@ def transformer_forward(transformer: nn.Module, x: torch.Tensor) -> torch.Tensor
             x = attn(x) + x
             x = ff(x) + x
         return transformer.norm(x)
-    sublayers = ((norm, f) for attn, ff in transformer.layers
-                 for norm, f in ((attn.norm, partial(_attend_normed, attn)), (ff.net[0], partial(_after_norm, ff.net))))
+    sublayers = (pair for attn, ff in transformer.layers
+                 for pair in ((attn.norm, partial(_attend_normed, attn)), (ff.net[0], partial(_after_norm, ff.net))))
     return run_prenorm(x, sublayers, transformer.norm)
 
 
