@@ -4,25 +4,42 @@ Pickles are always read with `torch.load(..., map_location='cpu', weights_only=T
 would need arbitrary code to unpickle is refused, never run. `.safetensors` files are read and
 written with safetensors. `save_checkpoint` writes atomically (temp file in the same directory,
 fsync, os.replace), so an interrupted save never destroys the previous good checkpoint.
+
+Every file `save_checkpoint` writes carries a sha256 of its contents, checked on every read: torch's
+zip reader checks no CRC, so without it a flipped bit in a tensor would load silently. The checksum
+covers every tensor's dtype, shape and bytes and every other value and key of the checkpoint, in
+order; it costs one sha256 pass over the tensor bytes on each save and read (hashlib: about a
+second per GB on one core). It is stored where readers that do not know it never see it: in a .pth
+file as an attribute of the saved top-level OrderedDict (pickled with it and restored by
+torch.load, weights_only included, yet no key, so `load_state_dict(torch.load(f))` works as
+before); in a .safetensors file in the header's `__metadata__`. Files without one (the official
+releases, Hugging Face) load as before.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import pickle
 import tempfile
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
 
-__all__ = ["CheckpointError", "read_checkpoint", "read_state_dict", "save_checkpoint"]
+__all__ = ["CheckpointError", "read_checkpoint", "read_state_dict", "save_checkpoint", "checkpoint_metadata"]
 
 # Containers in which training scripts store the model's weights, tried in this order.
 _STATE_DICT_CONTAINERS = ("model", "state_dict", "model_state_dict")
 
 # Prefixes added by DistributedDataParallel / torch.compile wrappers; stripped when every key has one.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+# Where our metadata (the checksum, what an export is for) lives: the attribute of a .pth file's
+# top-level OrderedDict, and the prefix of its keys in a .safetensors header.
+METADATA_ATTR = "mae_fast"
+_SAFETENSORS_PREFIX = "mae_fast."
 
 
 class CheckpointError(RuntimeError):
@@ -47,23 +64,28 @@ def _is_safetensors_file(path: str) -> bool:
     return int.from_bytes(head[:8], "little") <= size - 8
 
 
-def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+def _load_safetensors(path: str, lazy: bool = False):
+    """(tensors, our metadata) of a safetensors file; lazy: (None, metadata), no tensor read."""
     try:
-        from safetensors.torch import load_file
+        from safetensors import safe_open
     except ImportError as e:  # pragma: no cover - safetensors is a test dependency
         raise ImportError(
             f"reading {path!r} needs the 'safetensors' package: pip install safetensors") from e
     try:
-        return load_file(path, device="cpu")
+        with safe_open(path, framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = None if lazy else {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # SafetensorError, OSError, ...
         raise CheckpointError(f"cannot read safetensors checkpoint {path!r} (corrupt or truncated?): {e}") from e
+    meta = {k[len(_SAFETENSORS_PREFIX):]: v for k, v in header.items() if k.startswith(_SAFETENSORS_PREFIX)}
+    return tensors, meta
 
 
-def _torch_load(path: str):
+def _torch_load(path: str, mmap: bool = False):
     try:
         # argparse.Namespace is what the official main_pretrain.py stores under 'args'.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         msg = str(e)
         lines = [ln.strip() for ln in msg.splitlines() if "global" in ln.lower() and ln.strip()]
@@ -110,10 +132,50 @@ def _extract_state_dict(obj, where: str) -> dict[str, torch.Tensor]:
     return _strip_wrapper_prefixes(dict(obj))
 
 
-def read_checkpoint(path) -> dict:
-    """The whole checkpoint object of a file (e.g. {'model', 'optimizer', 'epoch', 'scaler', 'args'}),
-    read safely (weights_only=True; safetensors files give their flat tensor dict). Missing file:
-    FileNotFoundError; corrupt, truncated or code-carrying file: CheckpointError naming the path."""
+def _digest(obj) -> str:
+    """sha256 over every tensor's dtype, shape and bytes and every other key and value, in order."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach()
+            h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+            if t.layout == torch.strided and not t.is_quantized and t.device.type != "meta" and t.numel():
+                t = t.cpu().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+                h.update(t.numpy())
+        elif isinstance(x, Mapping):  # dict and OrderedDict alike: torch.load may return either
+            h.update(b"{%d;" % len(x))
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(b"%s%d;" % (b"[" if isinstance(x, list) else b"(", len(x)))
+            for v in x:
+                walk(v)
+        elif isinstance(x, argparse.Namespace):
+            walk(vars(x))
+        else:  # numbers, strings, None, dtypes: their repr survives the pickle round trip
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def _verify(path: str, obj, meta: Mapping) -> None:
+    expected = meta.get("sha256")
+    if expected is not None and _digest(obj) != expected:
+        raise CheckpointError(
+            f"checkpoint {path!r} is corrupt: its contents do not match the sha256 checksum saved in it "
+            f"(a changed byte on disk or in a copy; or the file was edited and re-saved with torch.save, "
+            f"which keeps the old checksum: re-save it with mae_fast.save_checkpoint)")
+
+
+def _our_metadata(obj) -> dict:
+    meta = getattr(obj, METADATA_ATTR, None)
+    return dict(meta) if isinstance(meta, Mapping) else {}
+
+
+def _check_path(path) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"expected a checkpoint path, got {type(path).__name__}")
     path = os.fspath(path)
@@ -125,10 +187,38 @@ def read_checkpoint(path) -> dict:
             f"use MaskedAutoencoderViT.from_hf / mae_fast.io.hf.from_hf)")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"cannot read checkpoint {path!r}: the file is empty (0 bytes; an interrupted copy?)")
-    obj = _load_safetensors(path) if _is_safetensors_file(path) else _torch_load(path)
+    return path
+
+
+def read_checkpoint(path) -> dict:
+    """The whole checkpoint object of a file (e.g. {'model', 'optimizer', 'epoch', 'scaler', 'args'}),
+    read safely (weights_only=True; safetensors files give their flat tensor dict) and checked
+    against the checksum `save_checkpoint` stores in it. Missing file: FileNotFoundError; corrupt,
+    truncated or code-carrying file: CheckpointError naming the path."""
+    path = _check_path(path)
+    if _is_safetensors_file(path):
+        obj, meta = _load_safetensors(path)
+        _verify(path, dict(sorted(obj.items())), meta)
+        return obj
+    obj = _torch_load(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path!r}: expected a dict checkpoint, got {type(obj).__name__}")
+    _verify(path, obj, _our_metadata(obj))
+    # the checksum stays with the file: an object edited and re-saved with torch.save must not carry it
+    getattr(obj, "__dict__", {}).pop(METADATA_ATTR, None)
     return obj
+
+
+def checkpoint_metadata(path) -> tuple[dict[str, str], list]:
+    """(the metadata `save_checkpoint` stored, the top-level keys) of a checkpoint file, read without
+    its tensor data and unverified: enough to tell an export from a training checkpoint. The
+    metadata is {} for files that other tools wrote."""
+    path = _check_path(path)
+    if _is_safetensors_file(path):
+        _, meta = _load_safetensors(path, lazy=True)
+        return meta, []
+    obj = _torch_load(path, mmap=True)
+    return _our_metadata(obj), list(obj) if isinstance(obj, Mapping) else []
 
 
 def read_state_dict(path_or_state) -> dict[str, torch.Tensor]:
@@ -155,19 +245,22 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path, state: dict) -> None:
-    """Atomically write `state` (e.g. {'model': sd, 'optimizer': ..., 'epoch': e}) to path.
+def save_checkpoint(path, state: dict, metadata: Mapping[str, str] | None = None) -> None:
+    """Atomically write `state` (e.g. {'model': sd, 'optimizer': ..., 'epoch': e}) to path, with a
+    sha256 checksum of it that `read_checkpoint` verifies (see the module docstring).
 
     The data goes to a temp file in the same directory, is flushed and fsync'ed, then os.replace'd
     over path, so a crash or error mid-write leaves the previous file intact. A path ending in
     `.safetensors` is written with safetensors (state must then be a flat dict of tensors, or
-    {'model': sd} with nothing else)."""
+    {'model': sd} with nothing else). metadata: strings stored beside the checksum, read back by
+    `checkpoint_metadata`."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"directory of checkpoint {path!r} does not exist")
     if not isinstance(state, Mapping):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     use_safetensors = path.endswith(".safetensors")
     if use_safetensors:
         try:
@@ -178,7 +271,14 @@ def save_checkpoint(path, state: dict) -> None:
         bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise ValueError(f"a .safetensors file holds tensors only; non-tensor entries: {bad[:8]}")
-        payload = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        meta["sha256"] = _digest(dict(sorted(tensors.items())))  # the file keeps no order
+        payload = st_save(tensors, metadata={_SAFETENSORS_PREFIX + k: v for k, v in meta.items()})
+    else:
+        obj = OrderedDict(state)
+        obj.__dict__.update(getattr(state, "__dict__", {}))  # a state_dict's _metadata (module versions)
+        meta["sha256"] = _digest(obj)
+        setattr(obj, METADATA_ATTR, meta)
 
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
@@ -186,7 +286,7 @@ def save_checkpoint(path, state: dict) -> None:
             if use_safetensors:
                 f.write(payload)
             else:
-                torch.save(state, f)
+                torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)

@@ -20,6 +20,23 @@ def _pyplot():
     return plt
 
 
+def picture_path(path) -> str:
+    """The file a picture goes to: path, with '.png' added when it has no extension (what
+    matplotlib would write, named here so that callers report the real file). ValueError when
+    matplotlib cannot write the extension."""
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1]
+    if not ext:
+        return path + ".png"
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext[1:].lower() not in formats:
+        raise ValueError(f"matplotlib cannot write {ext!r} pictures; expected a name ending in "
+                         f"{', '.join('.' + f for f in sorted(formats))} (or none, for .png)")
+    return path
+
+
 @torch.no_grad()
 def reconstruct(model, imgs, mask_ratio=0.75, seed=0, amp_dtype=None):
     """(original, masked, reconstruction, pasted) image batches in [0, 1]. With norm_pix_loss the
@@ -41,7 +58,9 @@ def reconstruct(model, imgs, mask_ratio=0.75, seed=0, amp_dtype=None):
 
 
 def reconstruction_grid(model, imgs, path, mask_ratio=0.75, seed=0, amp_dtype=None) -> str:
-    """Saves one row per image: original | masked | reconstruction | reconstruction + visible."""
+    """Saves one row per image: original | masked | reconstruction | reconstruction + visible.
+    Returns the file written (see picture_path)."""
+    path = picture_path(path)
     columns = reconstruct(model, imgs, mask_ratio, seed, amp_dtype)
     plt = _pyplot()
     rows = imgs.shape[0]
@@ -63,7 +82,8 @@ def reconstruction_grid(model, imgs, path, mask_ratio=0.75, seed=0, amp_dtype=No
 
 
 def loss_curve(history, path) -> str:
-    """history: [(step, loss), ...]."""
+    """history: [(step, loss), ...]. Returns the file written (see picture_path)."""
+    path = picture_path(path)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if history:

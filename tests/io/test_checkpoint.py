@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from mae_fast.io.checkpoint import (CheckpointError, LoadReport, compact_keys, interpolate_pos_table,
                                  load_checkpoint, read_checkpoint, save_checkpoint)
+from mae_fast.io.files import checkpoint_metadata
 from mae_fast.testing.reference import MaskedAutoencoderViT
 
 TINY = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=4,
@@ -318,3 +319,70 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0o600
+
+
+# ----------------------------------------------------------------------------- checksum
+
+def _flip_a_byte_of(path, tensor):
+    """Flips one bit in the middle of tensor's bytes inside the file (stored uncompressed)."""
+    data = bytearray(path.read_bytes())
+    at = data.find(tensor.numpy().tobytes())
+    assert at >= 0
+    data[at + tensor.numel() * tensor.element_size() // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["checkpoint-3.pth", "model.safetensors"])
+def test_a_flipped_byte_in_a_tensor_is_refused(tmp_path, name):
+    sd = make_model(1).state_dict()
+    path = tmp_path / name
+    save_checkpoint(path, {"model": sd} if name.endswith(".safetensors") else
+                    {"model": sd, "epoch": 3, "args": {"model": "tiny"}})
+    assert load_checkpoint(make_model(2), path).ok  # intact: loads, checksum and all
+    _flip_a_byte_of(path, sd["blocks.0.attn.qkv.weight"])
+    match = rf"checkpoint '{re.escape(str(path))}' is corrupt: .* sha256 checksum"
+    with pytest.raises(CheckpointError, match=match):
+        read_checkpoint(path)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(make_model(2), path)
+
+
+def test_files_without_a_checksum_load_as_before(tmp_path):
+    """Official releases and other tools' files carry none: read as they are, unverified."""
+    sd = make_model(1).state_dict()
+    path = tmp_path / "mae_pretrain_vit_tiny.pth"
+    torch.save({"model": sd}, path)
+    _flip_a_byte_of(path, sd["blocks.0.attn.qkv.weight"])
+    assert load_checkpoint(make_model(2), path).ok
+
+
+def test_the_checksum_is_invisible_to_other_readers(tmp_path):
+    src = make_model(1)
+    save_checkpoint(tmp_path / "sd.pth", src.state_dict(), metadata={"export": "timm"})
+    save_checkpoint(tmp_path / "sd.safetensors", src.state_dict(), metadata={"export": "timm"})
+    dst = make_model(2)
+    dst.load_state_dict(torch.load(tmp_path / "sd.pth", weights_only=True), strict=True)  # no extra key
+    assert_same_weights(src, dst)
+    safetensors = pytest.importorskip("safetensors.torch")
+    assert safetensors.load_file(tmp_path / "sd.safetensors").keys() == src.state_dict().keys()
+    for name in ("sd.pth", "sd.safetensors"):
+        meta, _ = checkpoint_metadata(tmp_path / name)
+        assert meta["export"] == "timm" and re.fullmatch("[0-9a-f]{64}", meta["sha256"])
+        assert sorted(read_checkpoint(tmp_path / name)) == sorted(src.state_dict())
+    assert checkpoint_metadata(tmp_path / "sd.pth")[1] == list(src.state_dict())
+
+
+def test_the_checksum_covers_every_value_and_stays_with_its_file(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    save_checkpoint(path, {"model": make_model(1).state_dict(), "epoch": 3, "history": [[1, 0.5]]})
+    raw = torch.load(path, weights_only=True)  # carries the checksum: edited, it no longer matches
+    raw["epoch"] = 4
+    torch.save(raw, tmp_path / "edited.pth")
+    with pytest.raises(CheckpointError, match=r"edited.pth' is corrupt.*re-save it with mae_fast.save_checkpoint"):
+        read_checkpoint(tmp_path / "edited.pth")
+    ckpt = read_checkpoint(path)  # read_checkpoint hands out the object without it
+    ckpt["epoch"] = 4
+    torch.save(ckpt, tmp_path / "edited.pth")
+    assert read_checkpoint(tmp_path / "edited.pth")["epoch"] == 4
+    save_checkpoint(tmp_path / "resaved.pth", raw)  # save_checkpoint writes a fresh one
+    assert read_checkpoint(tmp_path / "resaved.pth")["epoch"] == 4
