@@ -6,6 +6,7 @@ RandomResizedCrop(scale 0.2..1, ratio 3/4..4/3) + horizontal flip, done in torch
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import warnings
@@ -44,7 +45,22 @@ def sample_photos() -> list[torch.Tensor]:
         raise ImportError("the embedded demo data needs scikit-image: pip install scikit-image "
                           "(or pass --data DIR with an ImageFolder tree)") from e
     root = os.path.dirname(skimage.data.__file__)
-    return [load_image(os.path.join(root, name)) for name in SAMPLE_PHOTOS if os.path.exists(os.path.join(root, name))]
+    return [load_image(os.path.join(root, name)) for name in sample_photo_names()]
+
+
+def sample_photo_names() -> list[str]:
+    """The SAMPLE_PHOTOS this scikit-image ships (older versions lack some)."""
+    import skimage.data
+
+    root = os.path.dirname(skimage.data.__file__)
+    return [name for name in SAMPLE_PHOTOS if os.path.exists(os.path.join(root, name))]
+
+
+def fingerprint(names: list[str]) -> dict:
+    """A cheap identity of a data set: its file count and a hash of its sorted relative file names
+    (no file is read), so a resume can tell other data from the same folder moved elsewhere."""
+    digest = hashlib.sha256("\n".join(sorted(n.replace(os.sep, "/") for n in names)).encode()).hexdigest()
+    return {"files": len(names), "names_sha256": digest[:16]}
 
 
 def image_folder(root: str) -> list[str]:
@@ -112,7 +128,7 @@ class CropDataset(torch.utils.data.Dataset):
             except Exception as e:  # noqa: BLE001 -- PIL raises many types for broken files
                 self.unreadable.add(item)
                 warnings.warn(f"skipped unreadable image file {item}: {e}")
-        raise ValueError(f"none of the {n} image files can be read")
+        raise ValueError(f"none of the {n} image files can be read (each one's error is in the warnings above)")
 
     def __getitem__(self, index):
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -35,12 +36,14 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
-def reduce_step(loss: torch.Tensor, signalled: bool, world: int) -> tuple[float, bool]:
-    """The mean loss over the processes and whether any of them was signalled, in one all_reduce:
-    every rank then stops at the same step (a rank leaving alone would hang the others)."""
+def reduce_step(loss: torch.Tensor, signum: int, world: int) -> tuple[float, int]:
+    """The mean loss over the processes and the signal that stops the run (0: none; SIGTERM when
+    ranks heard different ones), in one all_reduce: every rank then stops at the same step (a rank
+    leaving alone would hang the others) and exits with the same status."""
     if world == 1:
-        return loss.item(), signalled
-    both = torch.stack([loss.float(), torch.tensor(float(signalled), device=loss.device)])
+        return loss.item(), int(signum)
+    flags = [float(signum == signal.SIGINT), float(signum == signal.SIGTERM)]
+    both = torch.cat([loss.float().reshape(1), torch.tensor(flags, device=loss.device)])
     dist.all_reduce(both)
-    mean_loss, flags = both.tolist()
-    return mean_loss / world, flags > 0
+    mean_loss, sigint, sigterm = both.tolist()
+    return mean_loss / world, int(signal.SIGTERM if sigterm > 0 else signal.SIGINT if sigint > 0 else 0)

@@ -7,10 +7,16 @@ same command under `torchrun --nproc_per_node N` trains with DistributedDataPara
 
 Every sample's crop and mask noise is a pure function of (seed, epoch, index), so a resumed run,
 or a run on N processes with the same global batch, sees exactly the same data and masks.
+
+Exit status: 0 when the run reaches its end or --max-steps; 128 + the signal number (130 for
+SIGINT, 143 for SIGTERM) when a signal stops it after its checkpoint is saved; 1 with a one-line
+message when it diverges (a non-finite loss in fp32/bf16, MAX_SKIPPED_IN_A_ROW skipped fp16
+optimizer steps in a row) or refuses its input (2 where argparse refuses a flag).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -20,11 +26,18 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..models.masking import len_keep_for
 from ..models.presets import PRESETS, build_model
 from . import data as mdata
 from .distributed import pick_device, reduce_step, setup_distributed
 from .recipe import lr_at, param_groups
-from .run_dir import Run, check_output_dir, checkpoints_in, load_resume, remove_interrupted_saves, start_afresh
+from .run_dir import (Run, check_output_dir, checkpoints_in, kept_checkpoint_note, load_resume, lock_output_dir,
+                      remove_interrupted_saves, start_afresh, unlock_output_dir)
+
+# fp16: the GradScaler halves its scale at every skipped optimizer step, so a few skips while it
+# settles are normal. 16 in a row have lowered it by 2**16 (the initial 65536 down to 1): the
+# overflow is no longer the scaler's to fix, the run has diverged.
+MAX_SKIPPED_IN_A_ROW = 16
 
 
 def parse_args(argv=None):
@@ -80,9 +93,16 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             p.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-    patch = PRESETS[args.model][1]["patch_size"]
+    default_size, preset = PRESETS[args.model]
+    patch = preset["patch_size"]
     if args.img_size is not None and args.img_size % patch:
         p.error(f"--img-size must be a multiple of the patch size {patch} of --model {args.model}, got {args.img_size}")
+    # the model checks the ratio only at its first forward, after the output folder exists
+    num_patches = ((args.img_size or default_size) // patch) ** 2
+    try:
+        len_keep_for(num_patches, args.mask_ratio)
+    except ValueError as e:
+        p.error(f"--mask-ratio {args.mask_ratio}: {e} (--model {args.model} at {args.img_size or default_size} px)")
     return args
 
 
@@ -113,80 +133,110 @@ def build_dataset(args, model, world):
     if args.data is None:
         images = mdata.sample_photos()
         length = args.samples_per_epoch or 2048
+        names = mdata.sample_photo_names()
     else:
         try:
             images = mdata.image_folder(args.data)  # file paths: decoded by the loader's workers
         except (OSError, ValueError) as e:
             raise SystemExit(str(e)) from e
         length = args.samples_per_epoch or len(images)
+        names = [os.path.relpath(path, args.data) for path in images]
+    # saved with the args: a resume refuses other data (the data order and step count depend on it)
+    args.data_source = {"path": os.path.abspath(args.data) if args.data else None, **mdata.fingerprint(names)}
     if length < args.batch_size * world:
         raise SystemExit(f"--samples-per-epoch ({length}) must be at least one global batch "
                          f"({args.batch_size} x {world} processes)")
-    return MaskedCrops(mdata.CropDataset(images, size, length, args.seed), model.num_patches)
+    crops = mdata.CropDataset(images, size, length, args.seed)
+    try:
+        crops.image(0)  # a folder of unreadable files fails here, not inside the loader at the first step
+    except ValueError as e:
+        raise SystemExit(f"--data {args.data}: {e}") from e
+    return MaskedCrops(crops, model.num_patches)
 
 
 # ----------------------------------------------------------------------------- training
 
 def train(args) -> dict:
     rank, world, local_rank = setup_distributed()
-    device = pick_device(args.device, local_rank)
     main_process = rank == 0
-    if main_process:
-        check_output_dir(args.output_dir)
-        for path in remove_interrupted_saves(args.output_dir):
-            print(f"removed {path}: the temp file of a checkpoint save that was interrupted")
-        if not args.resume:
-            start_afresh(args.output_dir, args.overwrite)
-    torch.manual_seed(args.seed)
-    model = build_model(args.model, args.img_size, norm_pix_loss=args.norm_pix_loss).to(device)
-    if model.img_size[0] != model.img_size[1]:
-        raise SystemExit("--img-size must describe a square crop")
-    dataset = build_dataset(args, model, world)
-    eff_batch = args.batch_size * args.accum_iter * world
-    args.world_size = world  # saved with the args: a resume checks it
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda")
-
-    start_epoch, start_batch, history = 0, 0, []
-    resume = checkpoints_in(args.output_dir)[-1:] if args.resume == "auto" else [args.resume] if args.resume else []
-    if resume:
-        ckpt = load_resume(resume[0], model, optimizer, scaler, args, world)
-        start_epoch, start_batch = ckpt["next"]["epoch"], ckpt["next"]["batch"]
-        history = list(ckpt.get("history", []))
+    with contextlib.ExitStack() as cleanup:  # every exit, an error's included, releases what the run holds
+        if world > 1:
+            cleanup.callback(dist.destroy_process_group)
+        device = pick_device(args.device, local_rank)
+        torch.manual_seed(args.seed)
+        model = build_model(args.model, args.img_size, norm_pix_loss=args.norm_pix_loss).to(device)
+        if model.img_size[0] != model.img_size[1]:
+            raise SystemExit("--img-size must describe a square crop")
+        dataset = build_dataset(args, model, world)
+        steps_per_epoch = len(epoch_order(len(dataset), args.seed, 0, rank, world, args.batch_size)) // args.batch_size
+        if args.accum_iter > steps_per_epoch:
+            # each epoch drops its cut window: the optimizer would never step
+            raise SystemExit(f"--accum-iter {args.accum_iter} is more than the {steps_per_epoch} steps of an epoch "
+                             f"({len(dataset)} samples / (--batch-size {args.batch_size} x {world} processes)): "
+                             "lower --accum-iter or raise --samples-per-epoch")
         if main_process:
-            print(f"resumed from {resume[0]} at epoch {start_epoch}, batch {start_batch}")
+            check_output_dir(args.output_dir)
+            cleanup.callback(unlock_output_dir, lock_output_dir(args.output_dir), args.output_dir)
+            for path in remove_interrupted_saves(args.output_dir):
+                print(f"removed {path}: the temp file of a checkpoint save that was interrupted")
+        resume = checkpoints_in(args.output_dir)[-1:] if args.resume == "auto" else [args.resume] if args.resume else []
+        if main_process and not resume:
+            if args.resume == "auto":
+                print(f"--resume auto: no checkpoint in {args.output_dir}; starting afresh")
+            start_afresh(args.output_dir, args.overwrite)
+        eff_batch = args.batch_size * args.accum_iter * world
+        args.world_size = world  # saved with the args: a resume checks it
+        if args.lr is None:
+            args.lr = args.blr * eff_batch / 256
+        precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
+                                      fused=device.type == "cuda")
 
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        net = torch.compile(net, mode=args.compile)
-    elif device.type == "cuda" and main_process and not args.quiet:
-        # an eager step waits on the host (docs/benchmarks.md)
-        print("eager mode: add --compile reduce-overhead (CUDA graphs) for the fastest GPU steps (docs/benchmarks.md)")
+        start_epoch, start_batch, history = 0, 0, []
+        if resume:
+            ckpt = load_resume(resume[0], model, optimizer, scaler, args, world)
+            start_epoch, start_batch = ckpt["next"]["epoch"], ckpt["next"]["batch"]
+            history = list(ckpt.get("history", []))
+            if main_process:
+                print(f"resumed from {resume[0]} at epoch {start_epoch}, batch {start_batch}")
+        step = start_epoch * steps_per_epoch + start_batch
+        if args.max_steps and step >= args.max_steps:
+            if main_process:
+                print(f"--max-steps {args.max_steps}: the run is at step {step} already; nothing to do")
+            return {"output_dir": args.output_dir, "checkpoint": resume[0], "reconstruction": None,
+                    "final_loss": history[-1][1] if history else None, "interrupted": False, "signal": 0}
 
-    run = Run(args, model, optimizer, scaler, history, main_process)
-    stop = {"signal": None}
-    # Ctrl-C and a scheduler's SIGTERM both finish the step, save a checkpoint and exit cleanly
-    previous = {sig: signal.signal(sig, lambda num, _: stop.__setitem__("signal", signal.Signals(num).name))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    steps_per_epoch = len(epoch_order(len(dataset), args.seed, 0, rank, world, args.batch_size)) // args.batch_size
-    total = steps_per_epoch * args.epochs
-    bar = None
-    if main_process and not args.quiet:
-        from tqdm import tqdm
+        net = model
+        if world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if args.compile:
+            net = torch.compile(net, mode=args.compile)
+        elif device.type == "cuda" and main_process and not args.quiet:
+            # an eager step waits on the host (docs/benchmarks.md)
+            print("eager mode: add --compile reduce-overhead (CUDA graphs) for the fastest GPU steps (docs/benchmarks.md)")
 
-        bar = tqdm(total=total, initial=start_epoch * steps_per_epoch + start_batch, unit="step", dynamic_ncols=True)
-    step = start_epoch * steps_per_epoch + start_batch
-    stopping = False
-    if resume:
-        run.drop_metrics_after(step)
-    try:
+        run = Run(args, model, optimizer, scaler, history, main_process)
+        if run.tb is not None:
+            cleanup.callback(run.tb.close)  # flushes: TensorBoard buffers scalars for up to two minutes
+        # Ctrl-C and a scheduler's SIGTERM both finish the step, save a checkpoint and exit with
+        # 128 + the signal number (main), so that `pretrain && probe` and a scheduler see the stop
+        stop = {"signal": 0}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.signal(sig, lambda num, _: stop.__setitem__("signal", stop["signal"] or num))
+            cleanup.callback(signal.signal, sig, previous)
+        total = steps_per_epoch * args.epochs
+        bar = None
+        if main_process and not args.quiet:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True)
+            cleanup.callback(bar.close)
+        stopping = 0  # the signal that stops the run, agreed by every rank
+        skipped_in_a_row, skipped_total = 0, 0
+        if resume:
+            run.drop_metrics_after(step)
         for epoch in range(start_epoch, args.epochs):
             dataset.crops.set_epoch(epoch)
             order = epoch_order(len(dataset), args.seed, epoch, rank, world, args.batch_size)
@@ -205,12 +255,11 @@ def train(args) -> dict:
                 imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss, _, _ = net(imgs, args.mask_ratio, noise, return_pred=False)
-                loss_value, signalled = reduce_step(loss.detach(), bool(stop["signal"]), world)
+                loss_value, signalled = reduce_step(loss.detach(), stop["signal"], world)
                 stopping = stopping or signalled
                 if not math.isfinite(loss_value) and precision != "fp16":
-                    raise FloatingPointError(
-                        f"loss is {loss_value} at step {step} (epoch {epoch}, batch {b}); stopping. "
-                        f"The last good checkpoint in {args.output_dir} is kept.")
+                    raise SystemExit(f"loss is {loss_value} at step {step} (epoch {epoch}, batch {b}); stopping. "
+                                     + kept_checkpoint_note(args.output_dir))
                 # fp16: a non-finite loss makes non-finite gradients, so the GradScaler skips this
                 # optimizer step (the whole accumulation window) and lowers its scale, as it does
                 # for an overflow in the backward. The step still counts: positions, the lr schedule
@@ -223,6 +272,8 @@ def train(args) -> dict:
                     scaler.update()
                     skipped = scale is not None and scaler.get_scale() < scale
                     optimizer.zero_grad(set_to_none=True)
+                    skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+                    skipped_total += skipped
                 step += 1
                 elapsed = time.perf_counter() - tic
                 images_per_s = (b + 1 - first) * args.batch_size * world / max(elapsed, 1e-9)
@@ -232,31 +283,35 @@ def train(args) -> dict:
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                                     img_s=f"{images_per_s:.0f}")
+                if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    # no save: the weights are those of the last good step, which the last checkpoint holds
+                    raise SystemExit(
+                        f"fp16: {skipped_in_a_row} optimizer steps in a row skipped for non-finite losses or "
+                        f"gradients (up to step {step}; {skipped_total} skipped in this run, last loss {loss_value}): "
+                        f"the run diverged; stopping (lower --lr/--blr, or use --precision bf16). "
+                        + kept_checkpoint_note(args.output_dir))
                 at_end = b + 1 == steps_per_epoch
                 window_end = at_end or (b + 1) % args.accum_iter == 0  # a stop waits for it: no gradients lost
                 if window_end and (stopping or (args.max_steps and step >= args.max_steps)):
                     nxt = {"epoch": epoch + 1, "batch": 0} if at_end else {"epoch": epoch, "batch": b + 1}
                     run.checkpoint(epoch, nxt, step)
+                    if stopping and world > 1:
+                        # torchrun stops every rank once one exits non-zero: rank 0's save comes first
+                        dist.barrier()
                     if stopping and main_process:
-                        print(f"\ninterrupted ({stop['signal'] or 'a signal on another rank'}): "
-                              "checkpoint saved; continue with --resume auto")
-                    return run.summary(interrupted=stopping)
+                        by = signal.Signals(stop["signal"]).name if stop["signal"] else "a signal on another rank"
+                        print(f"\ninterrupted ({by}): checkpoint saved; continue with --resume auto")
+                    return run.summary(signal_number=stopping)
             run.checkpoint(epoch, {"epoch": epoch + 1, "batch": 0}, step)
             if main_process and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
                 run.pictures(dataset, device, amp_dtype)
         return run.summary()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if bar is not None:
-            bar.close()
-        if run.tb is not None:
-            run.tb.close()  # flushes: TensorBoard buffers scalars for up to two minutes
-        if world > 1:
-            dist.destroy_process_group()
 
 
 def main(argv=None):
+    """Trains and returns the run's summary; a run stopped by a signal raises SystemExit(128 +
+    the signal number) once its checkpoint is saved, for every entry point (the console script,
+    python -m, a caller of main)."""
     args = parse_args(argv)
     out = train(args)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -265,6 +320,9 @@ def main(argv=None):
         if out["reconstruction"]:
             print(f"reconstruction: {out['reconstruction']}")
             print(f"loss curve:     {os.path.join(args.output_dir, 'loss.png')}")
+    if out["interrupted"]:
+        sys.stdout.flush()
+        raise SystemExit(128 + out["signal"])
     return out
 
 

@@ -10,17 +10,76 @@ import re
 import torch
 
 from ..io.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from ..models.presets import PRESETS
+
+try:
+    import fcntl
+except ImportError:  # Windows has no flock: runs there do not lock their folder
+    fcntl = None
 
 
 def check_output_dir(path: str) -> None:
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write-test")
+        probe = os.path.join(path, f".write-test-{os.getpid()}")  # per process: two runs may start at once
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
         raise SystemExit(f"--output-dir {path!r} is not writable: {e}") from e
+
+
+# Held (flock) by the run that owns the folder. The kernel drops the lock when its process dies, so
+# the file a killed run leaves behind blocks nobody.
+LOCK_FILE = ".mae-fast-run.lock"
+
+
+def lock_output_dir(path: str) -> int:
+    """Makes this process the folder's one run: two runs in one folder would overwrite each other's
+    checkpoints and interleave metrics.jsonl. Returns the lock's file descriptor for unlock_output_dir."""
+    lock_path = os.path.join(path, LOCK_FILE)
+    if fcntl is None:
+        return -1
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise SystemExit(f"--output-dir {path} is in use by another mae-fast pretrain run"
+                             f"{f' (pid {holder})' if holder else ''}: wait for it to end, or use another --output-dir") from None
+        # an ending run removes its lock file: if that happened between our open and our lock, we
+        # hold the removed file, which nobody else sees; lock the current one instead
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock_path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def unlock_output_dir(fd: int, path: str) -> None:
+    """Removes the lock file while still holding its lock (a run that opened it meanwhile sees it
+    gone and retries), then releases it."""
+    if fd < 0:
+        return
+    try:
+        os.remove(os.path.join(path, LOCK_FILE))
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
+def kept_checkpoint_note(run_dir: str) -> str:
+    """What a stopped run leaves to resume from, for its error message."""
+    found = checkpoints_in(run_dir)
+    if found:
+        return f"The last good checkpoint, {found[-1]}, is kept; --resume auto continues from it."
+    return f"No checkpoint has been saved in {run_dir} yet: there is none to resume from."
 
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pth")
@@ -56,14 +115,17 @@ RESUME_FLAGS = ("model", "img_size", "samples_per_epoch", "warmup_epochs", "batc
 def start_afresh(run_dir: str, overwrite: bool) -> None:
     """A fresh run must not mix with an earlier one in the same folder: its checkpoint pruning would
     delete the new run's checkpoints (it keeps the highest steps) and --resume auto would pick the
-    old run's. With overwrite, the earlier run's checkpoints and metrics go."""
+    old run's. With overwrite, the earlier run's checkpoints go. A fresh run owns fresh metrics:
+    the metrics.jsonl and TensorBoard logs of an earlier run (one killed before its first
+    checkpoint, or one overwritten) go too."""
     old = checkpoints_in(run_dir)
     if old and not overwrite:
         raise SystemExit(f"--output-dir {run_dir} holds the checkpoints of an earlier run ({os.path.basename(old[-1])}): "
                          "continue it with --resume auto, or start afresh with --overwrite or another --output-dir")
-    for path in old + [os.path.join(run_dir, "metrics.jsonl")]:
-        if os.path.exists(path):
-            os.remove(path)
+    logs = [os.path.join(run_dir, f) for f in os.listdir(run_dir)
+            if f == "metrics.jsonl" or f.startswith("events.out.tfevents.")]
+    for path in old + logs:
+        os.remove(path)
 
 
 def load_resume(path, model, optimizer, scaler, args, world) -> dict:
@@ -74,12 +136,19 @@ def load_resume(path, model, optimizer, scaler, args, world) -> dict:
     if "next" not in ckpt or "optimizer" not in ckpt:
         raise SystemExit(f"--resume: {path} is not a mae-fast training checkpoint (no optimizer/position)")
     saved = ckpt.get("args") or {}
-    saved = saved if isinstance(saved, dict) else vars(saved)
+    if not isinstance(saved, dict):
+        if not hasattr(saved, "__dict__"):
+            raise SystemExit(f"--resume: {path} holds args of type {type(saved).__name__}, not the flags of a run")
+        saved = vars(saved)
+    if "model" in saved and saved["model"] not in PRESETS:
+        raise SystemExit(f"--resume: the run in {path} names --model {saved['model']!r}, which is not a preset of "
+                         f"mae-fast pretrain ({', '.join(PRESETS)}); it cannot be resumed here")
     for name in RESUME_FLAGS:
         if name in saved and saved[name] != getattr(args, name):
             flag = "--" + name.replace("_", "-")
             raise SystemExit(f"--resume: the run in {path} used {flag} {saved[name]}, this command {getattr(args, name)}; "
                              f"resume with the run's {flag} (the data order, step count and schedule depend on it)")
+    check_data_source(path, saved.get("data_source"), getattr(args, "data_source", None))
     if ckpt["next"]["epoch"] >= args.epochs:
         raise SystemExit(f"--resume: the run in {path} has finished its {ckpt['next']['epoch']} epochs; "
                          "pass a larger --epochs to train on")
@@ -101,6 +170,26 @@ def load_resume(path, model, optimizer, scaler, args, world) -> dict:
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     return ckpt
+
+
+def describe_data(source: dict) -> str:
+    where = source.get("path") or "(the embedded sample photos)"
+    return f"{where} ({source.get('files')} files, names sha256 {source.get('names_sha256')})"
+
+
+def check_data_source(path, saved, current) -> None:
+    """A resume on other data would switch data mid-run, its step count and data order with it.
+    The file names decide (a folder moved or copied whole resumes, with a note); checkpoints
+    without a data source (official ones, older ones) are not checked."""
+    if not isinstance(saved, dict) or current is None:
+        return
+    same = {k: saved.get(k) for k in ("files", "names_sha256")} == {k: current[k] for k in ("files", "names_sha256")}
+    if not same:
+        raise SystemExit(f"--resume: the run in {path} trained on --data {describe_data(saved)}, this command on "
+                         f"--data {describe_data(current)}; resume with the run's --data (the data order and step "
+                         "count depend on it)")
+    if saved.get("path") != current["path"]:
+        print(f"--data {current['path']}: the run used {saved.get('path')}; the same file names, so resuming")
 
 
 def model_name(ckpt) -> str:
@@ -178,7 +267,8 @@ class Run:
                                                 mask_ratio=self.args.mask_ratio, seed=self.args.seed, amp_dtype=amp_dtype)
         loss_curve(self.history, os.path.join(self.args.output_dir, "loss.png"))
 
-    def summary(self, interrupted=False) -> dict:
+    def summary(self, signal_number=0) -> dict:
+        """signal_number: the signal that stopped the run (0: it ran to its end or --max-steps)."""
         return {"output_dir": self.args.output_dir, "checkpoint": self.last_checkpoint,
                 "reconstruction": self.last_picture, "final_loss": self.history[-1][1] if self.history else None,
-                "interrupted": interrupted}
+                "interrupted": bool(signal_number), "signal": int(signal_number)}
