@@ -1,4 +1,4 @@
-"""Loading and saving MAE checkpoints.
+"""Loading MAE checkpoints into a model (save_checkpoint and the safe readers live in files.py).
 
 `load_checkpoint` reads the official facebookresearch/mae format ({'model': state_dict}, possibly
 with optimizer / epoch / scaler / args), plain state dicts, `.safetensors` files and Hugging Face
