@@ -1,224 +1,358 @@
 #!/usr/bin/env bash
-# One GPU run: build the extension, print mae_fast.info, run the `gpu`-marked tests, run the GPU
-# benchmarks (training step first, then a profile of the ViT-B/16 step by kernel category, then
-# the fused ops), append the rows to benchmarks/results/results.csv, write the device's markdown
-# report and chart there, and print a short summary table last. Sized for one H200 in < 8 minutes,
-# no network. Every stage has a timeout; a failed or timed-out stage is reported and the later
-# stages still run (pytest is stopped with SIGINT, so the rows measured so far are still written).
-# Raw logs go to $MAE_FAST_RESULTS_DIR/gpu_logs/, which is not committed.
+# shellcheck disable=SC2317  # the stages' functions are called indirectly ("call$CALL", bash -c)
+# mae_fast on one GPU machine (sized for one H200, no network) in two calls: build, check,
+# measure, test. Each stage has a time limit inside the call's budget, the most valuable first;
+# a stage that fails or runs out of time is reported and the later ones still run, except that the
+# run STOPS after `info` where CUDA or a compiled kernel is missing (the numbers would then be
+# PyTorch's fallbacks). The measurements and the summary are written with their provenance (commit,
+# versions, device, run id) to the results folder; the short summary is printed last.
 #
-#   MAE_FAST_COMMIT=<sha> bash benchmarks/gpu_run.sh     # the sha where the tree has no .git
-#   bash benchmarks/gpu_run.sh --dry-run                 # the stages and their time limits, nothing run
+#   bash benchmarks/gpu_run.sh [--call 1] [--dry-run]   at most 9 minutes, the build included
+#   bash benchmarks/gpu_run.sh --call 2 [--dry-run]     at most 5 minutes, on the same machine after call 1
 #   bash benchmarks/gpu_run.sh --help
 #
-# A full run does not fit a 10-minute limit (each compiled provider compiles for about a minute).
-# Two calls on one warm machine, with one MAE_FAST_BENCH_DATE for both, make one run:
-#   1) MAE_FAST_GPU_BUDGET_S=420 MAE_FAST_BENCH_PROVIDERS=mae_fast,mae_fast_pred,reference,hf,vit_pytorch
-#   2) MAE_FAST_GPU_STAGES=info,bench-step,report
-#      MAE_FAST_BENCH_PROVIDERS=mae_fast_graphed,mae_fast_compiled,reference_compiled (budget: what is left)
-# The opt-in providers (own attention kernels, fused add + LayerNorm) run when named:
-#   MAE_FAST_BENCH_PROVIDERS=mae_fast,mae_fast_triton_attn,mae_fast_fused,mae_fast_triton_attn_fused,reference
-#   MAE_FAST_BENCH_OPS=attention MAE_FAST_PROFILE_PROVIDERS=mae_fast,mae_fast_graphed MAE_FAST_PROFILE_S=150
+# With the device tool (the tree there has no .git: name the commit, the output of
+# `git rev-parse HEAD` here, in place of <sha>):
+#   run  command="MAE_FAST_COMMIT=<sha> bash benchmarks/gpu_run.sh --call 1"  timeout_s=570
+#   run  command="MAE_FAST_COMMIT=<sha> bash benchmarks/gpu_run.sh --call 2"  timeout_s=290
+# The two budgets (520 s + 250 s) and the machine's start (1-2 minutes) add up to about 15 minutes.
+# Run the same command with --dry-run here first: a typo then fails in seconds on a CPU.
 #
-# Environment knobs (defaults in brackets):
-#   MAE_FAST_GPU_BUDGET_S [450]  wall-clock budget of the whole script; stages shrink to fit
-#   MAE_FAST_GPU_STAGES [all]    the stages to run (build, info, gpu-tests, bench-step, profile,
-#                                bench-ops, report), e.g. "info,bench-step,report" for a second call on
-#                                a warm machine; bench-step then takes the time of the stages left out
-#   MAE_FAST_BENCH_CASES, MAE_FAST_BENCH_PROVIDERS, MAE_FAST_BENCH_ROUNDS   see benchmarks/steps.py
-#   MAE_FAST_GPU_TEST_JOBS [4]   concurrent pytest processes of the gpu-tests stage
-#   MAE_FAST_BENCH_OPS [all]     the op suites of bench-ops, e.g. "attention,add_layer_norm"
-#                                (benchmarks/test_bench_<op>.py)
-#   MAE_FAST_PROFILE_CASE [official-vit_b16], MAE_FAST_PROFILE_PROVIDERS [mae_fast,reference]
-#                                what benchmarks/profile_step.py profiles
-#   MAE_FAST_PROFILE_S [45]      the profile stage's time (a compiled provider compiles first: ~120)
-#   MAE_FAST_RESULTS_DIR [benchmarks/results]   where results.csv, <gpu>.md/.png and gpu_logs/ go
-#   TORCH_CUDA_ARCH_LIST [9.0]   only the H200's arch: half the nvcc time of the default 8.0;9.0+PTX
-# Where $OUT is set (a runner's output folder) the results folder, logs included, is archived
-# there at the end as gpu_results.tgz.
+# Call 1 (budget 520 s; seconds: at most / at least, else the stage is skipped):
+#   build           150       pip install -e . (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16); skipped when up to date
+#   info             40       versions, GPU clocks, python -m mae_fast.info; STOP if a kernel is missing
+#   attention        75 / 20  attention backends at the MAE shapes (ViT-B encoder 50 tokens d=64, decoder
+#                             197 tokens d=32), forward and forward + backward
+#   step-vit_b16    240 / 90  ViT-B/16 batch 256: eager, compiled, CUDA graphs, reference compiled,
+#                             transformers' ViTMAE; images/s and peak memory
+#   profile          75 / 30  kernel categories of the CUDA-graph step, host profile of the eager step
+#   step-vit_l16    120 /100  ViT-L/16 batch 128 with CUDA graphs
+#   gpu-tests      rest / 45  pytest -m gpu in parallel processes; the tests left over are named
+#   report           25       <device>.md of the run, then the summary
+# Call 2 (budget 250 s): build (up to date: skipped) and info as above, then
+#   gpu-tests       150 / 45  the GPU tests call 1 did not report
+#   ops              90 / 20  the op suites against eager (attention at the ViT-L shapes)
+#   ops-compiled   rest / 30  the op suites' torch.compile baselines
+#   report           25
+# Packages: everything comes with the H200 image (torch, triton, transformers, pytest,
+# pytest-benchmark, pytest-timeout, matplotlib); vit-pytorch is not there and not needed: no
+# stage measures the vit_pytorch provider, which is skipped with the reason where it is named.
+#
+# Knobs (environment; defaults in brackets):
+#   MAE_FAST_GPU_BUDGET_S [520 | 250]  the call's wall-clock budget; the later stages shrink to fit
+#   MAE_FAST_GPU_STAGES [all]          the stages to run, e.g. "info,step-vit_b16,report"
+#   MAE_FAST_GPU_VIT_B_PROVIDERS [mae_fast,hf,mae_fast_compiled,mae_fast_graphed,reference_compiled]
+#   MAE_FAST_GPU_VIT_L_PROVIDERS [mae_fast_graphed]
+#   MAE_FAST_GPU_PROFILE_PROVIDERS [mae_fast_graphed,mae_fast]
+#                                      providers of benchmarks/steps.py, measured in the order named
+#   MAE_FAST_BENCH_ATTENTION_CASES [call 1: vit_b-encoder,vit_b-decoder; call 2: vit_l-encoder,vit_l-decoder]
+#   MAE_FAST_GPU_OPS [add_layer_norm,tokens,patchify_loss,attention]   op suites (benchmarks/test_bench_<op>.py)
+#   MAE_FAST_GPU_TESTS [tests]         where the gpu-marked tests are collected (paths or node ids)
+#   MAE_FAST_GPU_TEST_JOBS [8]         concurrent pytest processes of gpu-tests
+#   MAE_FAST_GPU_TEST_TIMEOUT_S [120]  one test's limit (pytest-timeout, where installed)
+#   MAE_FAST_BENCH_ROUNDS, MAE_FAST_BENCH_WARMUP   measured / warm-up steps (benchmarks/test_bench_step.py)
+#   MAE_FAST_RESULTS_DIR [benchmarks/results/gpu_logs]   results.csv, <device>.md/.png, profile.md,
+#                                      gpu_tests.txt, summary-call<N>.txt, logs/ (not committed)
+#   MAE_FAST_COMMIT, MAE_FAST_BENCH_DATE   provenance: the commit, and the run id (call 2 reuses call 1's)
+#   TORCH_CUDA_ARCH_LIST [9.0]         the H200's arch only
+# Where $OUT is set (the device tool's output folder), gpu_call<N>.tgz (the results folder) and
+# the main files beside it are copied there after every stage.
 set -uo pipefail
-DRY_RUN=0
-case "${1:-}" in
-  -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-  -n|--dry-run) DRY_RUN=1 ;;
-  "") ;;
-  *) echo "usage: bash benchmarks/gpu_run.sh [--dry-run | --help]" >&2; exit 2 ;;
-esac
+
+usage() { sed -n '3,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+CALL=1 DRY_RUN=0
+while (( $# )); do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    -n|--dry-run) DRY_RUN=1 ;;
+    --call) CALL=${2:-}; shift ;;
+    --call=*) CALL=${1#--call=} ;;
+    *) echo "usage: bash benchmarks/gpu_run.sh [--call 1|2] [--dry-run] | --help" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [[ "$CALL" != 1 && "$CALL" != 2 ]]; then
+  echo "usage: bash benchmarks/gpu_run.sh [--call 1|2] [--dry-run] | --help" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.." || exit 1
-ROOT=$(pwd)
 T0=$(date +%s)
-BUDGET=${MAE_FAST_GPU_BUDGET_S:-450}
-RES=${MAE_FAST_RESULTS_DIR:-benchmarks/results}
-LOGS=$RES/gpu_logs  # not committed: benchmarks/results/gpu_logs/ is in .gitignore
-(( DRY_RUN )) || mkdir -p "$LOGS"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
+python() { "$PYTHON" "$@"; }
+BUDGET=${MAE_FAST_GPU_BUDGET_S:-$([ "$CALL" = 1 ] && echo 520 || echo 250)}
+RESERVE=25  # the report and the summary, after every other stage
+RES=${MAE_FAST_RESULTS_DIR:-benchmarks/results/gpu_logs}
+LOGS=$RES/logs
+VIT_B_PROVIDERS=${MAE_FAST_GPU_VIT_B_PROVIDERS:-mae_fast,hf,mae_fast_compiled,mae_fast_graphed,reference_compiled}
+VIT_L_PROVIDERS=${MAE_FAST_GPU_VIT_L_PROVIDERS:-mae_fast_graphed}
+PROFILE_PROVIDERS=${MAE_FAST_GPU_PROFILE_PROVIDERS:-mae_fast_graphed,mae_fast}
+ATTENTION_CASES=${MAE_FAST_BENCH_ATTENTION_CASES:-$([ "$CALL" = 1 ] && echo vit_b-encoder,vit_b-decoder \
+  || echo vit_l-encoder,vit_l-decoder)}
+OPS=${MAE_FAST_GPU_OPS:-add_layer_norm,tokens,patchify_loss,attention}
+TESTS=${MAE_FAST_GPU_TESTS:-tests}
+JOBS=${MAE_FAST_GPU_TEST_JOBS:-8}
+PER_TEST_S=${MAE_FAST_GPU_TEST_TIMEOUT_S:-120}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-# one run id for every pytest session of this script: report.py groups rows by (device, date)
-export MAE_FAST_BENCH_DATE=${MAE_FAST_BENCH_DATE:-$(date -u +%Y-%m-%dT%H:%M:%SZ)}
-unset TRITON_INTERPRET
-SUMMARY=()
+unset TRITON_INTERPRET  # the GPU runs the compiled kernels
+if [ -n "${MAE_FAST_BENCH_DATE:-}" ]; then RUN_ID=$MAE_FAST_BENCH_DATE
+elif [ "$CALL" = 2 ] && [ -s "$RES/run_id" ]; then RUN_ID=$(cat "$RES/run_id")
+else RUN_ID=$(date -u +%Y-%m-%dT%H:%M:%SZ); fi
+export MAE_FAST_BENCH_DATE=$RUN_ID  # one run id for every pytest session of both calls: report.py's run
 
+# ----------------------------------------------------------------------------- stage library
+# `stage NAME MAX_S MIN_S WHAT FUNCTION ARGS...` plans (MODE=plan: the function only names its
+# checks, `need`) or runs (MODE=run) one stage: FUNCTION ARGS under a timeout of
+# min(MAX_S, what is left before the report's reserve), skipped where that is under MIN_S.
+MODE=plan PLAN_ONLY=1 STOPPED="" FAILED=0
+CHECKS=() PLAN=() STATUS=()
+need() { CHECKS+=("$@"); }
 elapsed() { echo $(( $(date +%s) - T0 )); }
-
-# stage NAME MAX_SECONDS END_BY_SECONDS command...: runs with timeout min(MAX, END_BY - elapsed)
 wanted() { [[ ",${MAE_FAST_GPU_STAGES:-all}," == *",all,"* || ",${MAE_FAST_GPU_STAGES:-}," == *",$1,"* ]]; }
 
 stage() {
-  local name=$1 max=$2 end_by=$3; shift 3
-  wanted "$name" || return 0
-  local left=$(( end_by - $(elapsed) )) limit=$max
-  (( left < limit )) && limit=$left
-  if (( limit < 10 )); then
-    SUMMARY+=("$(printf '%-12s skipped: no time left (%ss elapsed)' "$name" "$(elapsed)")")
-    echo "=== [$name] skipped: no time left"
+  local name=$1 max=$2 min=$3 what=$4; shift 4
+  STAGE_NAMES+=("$name")
+  if [ "$MODE" = plan ]; then
+    local shown=$max
+    (( max >= 9999 )) && shown=rest
+    PLAN+=("$(printf '%-14s %5s %5s  %s' "$name" "$shown" "${min/#0/-}" "$what")")
+    "$@"
     return 0
   fi
-  echo "=== [$name] (timeout ${limit}s, $(elapsed)s elapsed): $*"
-  if (( DRY_RUN )); then
-    SUMMARY+=("$(printf '%-12s would run with a %ss timeout' "$name" "$limit")")
+  local line
+  if ! wanted "$name"; then STATUS+=("$(printf '%-14s left out (MAE_FAST_GPU_STAGES)' "$name")"); return 0; fi
+  if [ -n "$STOPPED" ] && [ "$name" != report ]; then
+    STATUS+=("$(printf '%-14s not run: %s' "$name" "$STOPPED")"); return 0
+  fi
+  local end=$(( BUDGET - RESERVE )) limit=$max
+  [ "$name" = report ] && end=$BUDGET
+  (( end - $(elapsed) < limit )) && limit=$(( end - $(elapsed) ))
+  if (( limit < min || limit < 5 )); then
+    STATUS+=("$(printf '%-14s not run: %ss left of the budget, it needs %ss' "$name" "$(( limit < 0 ? 0 : limit ))" \
+      "$(( min > 5 ? min : 5 ))")")
+    echo "=== [$name] not run: no time left"
     return 0
   fi
-  local s rc
+  echo "=== [$name] $what (timeout ${limit}s, $(elapsed)s elapsed)"
+  local s rc took status
   s=$(date +%s)
-  # SIGINT to the whole process group (timeout without --foreground): pytest then still writes
-  # its results; SIGKILL 15 s later if anything hangs
-  timeout -s INT -k 15 "$limit" bash -c '"$@"' _ "$@" 2>&1 | tee "$LOGS/$name.log"
+  # SIGINT to the stage's process group when the time is up: pytest still writes what it measured
+  # and the test runner names what it did not run; SIGKILL 15 s later if anything hangs
+  STAGE_LIMIT=$limit timeout -s INT -k 15 "$limit" bash -c '"$@"' _ "$@" 2>&1 | tee "$LOGS/call$CALL-$name.log"
   rc=${PIPESTATUS[0]}
-  local took=$(( $(date +%s) - s )) status="ok"
-  if (( rc == 124 || rc == 137 || rc == 130 )); then status="TIMED OUT after ${took}s (rc $rc)"
-  elif (( rc != 0 )); then status="FAILED (rc $rc)"; fi
-  SUMMARY+=("$(printf '%-12s %-28s %4ss  log: %s' "$name" "$status" "$took" "$LOGS/$name.log")")
+  took=$(( $(date +%s) - s )) status=ok
+  if (( rc == 124 || rc == 137 )); then status="TIMED OUT (rc $rc)"; FAILED=1
+  elif (( rc != 0 )); then status="FAILED (rc $rc)"; FAILED=1; fi
+  line=$(printf '%-14s %-18s %4ss of %4ss  log %s' "$name" "$status" "$took" "$limit" "$LOGS/call$CALL-$name.log")
+  STATUS+=("$line")
+  if [ "$name" = info ] && (( rc != 0 )); then
+    STOPPED="the run stopped after info: no CUDA, or a compiled kernel missing"
+  fi
+  save_out
+}
+
+save_out() {  # the device tool returns at most 8 files: one archive, and the main files beside it
+  [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ] || return 0
+  tar czf "$OUT/gpu_call$CALL.tgz" -C "$(dirname "$RES")" "$(basename "$RES")" 2>/dev/null
+  local f
+  for f in results.csv profile.md gpu_tests.txt "summary-call$CALL.txt" "$(slug).md"; do
+    [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/"
+  done
   return 0
 }
 
-build() {
-  # `python -m pip`: a bare `pip` there can be another Python's, which has no torch (a build with no
-  # extension, installed where the benchmarks' python does not look)
-  local pipi="python -m pip install --no-build-isolation --no-deps --no-index -q"
-  MAX_JOBS=16 $pipi -e . || { echo "!! pip install -e failed; trying a plain install"; MAX_JOBS=16 $pipi .; }
-  local check="import torch, mae_fast.kernels.patchify, mae_fast._C"
-  python -c "$check" && return 0
-  echo "!! the install does not give mae_fast.kernels and mae_fast._C; building the extension in place"
-  echo "!! (PYTHONPATH has the repo root) and linking mae_fast/kernels to kernels/"
-  [ -e mae_fast/kernels ] || ln -s ../kernels mae_fast/kernels
-  MAX_JOBS=16 python setup.py build_ext --inplace && python -c "$check"
-}
-
-verify() {
-  python -m mae_fast.info
-  python - <<'EOF'
-import importlib, sys
-from mae_fast.info import missing_cuda_kernels
-missing = missing_cuda_kernels()
-if missing:  # the ops would silently take their PyTorch fallbacks on CUDA
-    print(f"!! missing {', '.join(missing)}: benchmark numbers are then not mae_fast's kernels")
-for name in ("transformers", "vit_pytorch", "triton"):
-    try:
-        m = importlib.import_module(name)
-        print(f"{name} {getattr(m, '__version__', '?')}")
-    except ImportError:
-        print(f"{name}: not installed (its benchmark provider is skipped)")
-sys.exit(1 if missing else 0)
-EOF
-}
-
-bench_opts() {  # pytest-benchmark may be missing there: benchmarks/conftest.py then has a stand-in
+gpu_name() { python -c "import torch; print(torch.cuda.get_device_name())" 2>/dev/null || echo NVIDIA; }
+slug() { echo "$GPU_NAME" | tr '[:upper:]' '[:lower:]' | sed 's/[^a-z0-9]\{1,\}/_/g; s/^_//; s/_$//'; }  # report.py's
+bench_opts() {  # pytest-benchmark may be missing: benchmarks/conftest.py then has a stand-in
   python -c "import pytest_benchmark" 2>/dev/null && echo "--benchmark-columns=median,rounds"
   return 0
 }
+# shellcheck disable=SC2046  # bench_opts: zero or one word
+bench_pytest() { python -m pytest -q -p no:cacheprovider --bench-results "$RES/results.csv" $(bench_opts) "$@"; }
 
-bench_step() {
-  # the suite skips what would not fit before its own deadline (the stage timeout is the backstop)
-  MAE_FAST_BENCH_DEADLINE=$(( $(date +%s) + $1 - 10 )) \
-    python -m pytest benchmarks/test_bench_step.py -q -p no:cacheprovider --bench-results "$RES/results.csv" \
-    $(bench_opts)
-}
+# ----------------------------------------------------------------------------- stages
 
-bench_ops() {
-  local files=() op
-  if [ -n "${MAE_FAST_BENCH_OPS:-}" ]; then
-    for op in ${MAE_FAST_BENCH_OPS//,/ }; do files+=("benchmarks/test_bench_$op.py"); done
-  else
-    files=($(ls benchmarks/test_bench_*.py | grep -v test_bench_step.py))
+do_build() {
+  if (( PLAN_ONLY )); then
+    need "file setup.py pyproject.toml" "command timeout tar sha1sum" "module torch setuptools"; return 0
   fi
-  python -m pytest "${files[@]}" -q -p no:cacheprovider --bench-results "$RES/results.csv" $(bench_opts)
+  local stamp=build/mae_fast_gpu_build.stamp key pipi
+  key=$(cat setup.py pyproject.toml csrc/* 2>/dev/null | sha1sum | cut -c1-16)-$TORCH_CUDA_ARCH_LIST
+  if [ "$(cat "$stamp" 2>/dev/null)" = "$key" ] \
+      && python -c "import sys, mae_fast.info as i; sys.exit(bool(i.missing_cuda_kernels()))"; then
+    echo "up to date (sources unchanged since the last build here, every kernel present): not rebuilt"
+    return 0
+  fi
+  # `python -m pip`: a bare `pip` can be another Python's, which has no torch
+  pipi="python -m pip install --no-build-isolation --no-deps --no-index -q"
+  export MAX_JOBS=16 MAE_FAST_BUILD_EXT=cuda
+  $pipi -e . || { echo "!! pip install -e failed; trying a plain install"; $pipi .; }
+  local check="import torch, mae_fast.kernels.patchify, mae_fast._C"
+  if ! python -c "$check"; then
+    echo "!! the install does not give mae_fast.kernels and mae_fast._C: building the extension in place"
+    [ -e mae_fast/kernels ] || ln -s ../kernels mae_fast/kernels
+    python setup.py build_ext --inplace && python -c "$check" || return 1
+  fi
+  mkdir -p build && echo "$key" > "$stamp"
 }
 
-profile() {  # where the ViT-B/16 step's time goes, by kernel category, and the GPU-busy fraction
-  python -m benchmarks.profile_step --case "${MAE_FAST_PROFILE_CASE:-official-vit_b16}" \
-    --providers "${MAE_FAST_PROFILE_PROVIDERS:-mae_fast,reference}" --steps 5 --out "$LOGS/profile.md"
+do_info() {
+  if (( PLAN_ONLY )); then need "module mae_fast.info"; return 0; fi
+  if command -v nvidia-smi > /dev/null; then
+    local q=name,driver_version,memory.total,pstate,clocks.sm,clocks.max.sm
+    q+=,clocks.mem,clocks.max.mem,power.limit,temperature.gpu
+    nvidia-smi --format=csv --query-gpu="$q" 2>&1 | head -3
+  else
+    echo "nvidia-smi: not found"
+  fi
+  python - <<'EOF'
+import platform
+from importlib import metadata
+import torch
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}, "
+      f"cuDNN {torch.backends.cudnn.version()})")
+for name in ("triton", "transformers", "timm", "torchvision", "pytest", "pytest-benchmark", "pytest-timeout",
+             "hypothesis", "vit-pytorch"):
+    try:
+        print(f"  {name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+        print(f"  {name}: not installed")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"GPU {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, "
+          f"capability {p.major}.{p.minor}")
+EOF
+  python -m mae_fast.info
+  python - <<'EOF'
+import sys
+import torch
+from mae_fast.info import missing_cuda_kernels
+if not torch.cuda.is_available():
+    sys.exit("STOP: torch sees no CUDA device")
+missing = missing_cuda_kernels()
+if missing:
+    sys.exit(f"STOP: missing {', '.join(missing)}: CUDA would run their PyTorch fallbacks")
+print("every compiled kernel is present")
+EOF
 }
 
-gpu_tests() {
-  # the most telling first (the kernels are the ones used, model parity, no host sync), the slow
-  # many-shape sweeps last, dealt round-robin to MAE_FAST_GPU_TEST_JOBS [4] concurrent pytest
-  # processes: their Triton compiles (CPU work, most of a GPU test's time) run in parallel
-  local first="test_extension test_models test_attention test_patchify test_masked_mse_loss test_add_layer_norm test_tokens"
-  local files=() f i r rc=0 jobs=${MAE_FAST_GPU_TEST_JOBS:-4} all
-  all=$(find tests -name 'test_*.py' | sort)
-  for f in $first; do files+=($(grep "/$f\.py\$" <<< "$all")); done
-  for f in $all; do [[ " $first " == *" $(basename "$f" .py) "* ]] || files+=("$f"); done
-  local -a groups=() pids=()
-  for i in "${!files[@]}"; do groups[i % jobs]+=" ${files[i]}"; done
-  # the stage's timeout sends SIGINT to every process: the jobs' pytest then writes its summary
-  # (background jobs start with SIGINT ignored: the wrapper restores Python's handler), and this
-  # shell waits for them
-  trap 'echo "=== gpu-tests: interrupted, waiting for the jobs to write their summaries"' INT
-  local run='import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(pytest.main(sys.argv[1:]))'
-  for i in "${!groups[@]}"; do
-    # a test module whose imports are missing there (hypothesis, transformers) must not stop the rest
-    python -c "$run" -m gpu ${groups[i]} -q -p no:cacheprovider --continue-on-collection-errors --durations=5 \
-      > "$LOGS/gpu-tests-$i.log" 2>&1 &
-    pids[i]=$!
+do_attention() {  # $1: the cases of benchmarks/test_bench_attention.py
+  if (( PLAN_ONLY )); then need "file benchmarks/test_bench_attention.py" "attention $1"; return 0; fi
+  MAE_FAST_BENCH_ATTENTION_CASES=$1 bench_pytest benchmarks/test_bench_attention.py
+}
+
+do_step() {  # $1 cases, $2 providers of benchmarks/steps.py; the suite skips what would pass its deadline
+  if (( PLAN_ONLY )); then need "file benchmarks/test_bench_step.py" "steps $1 $2"; return 0; fi
+  MAE_FAST_BENCH_CASES=$1 MAE_FAST_BENCH_PROVIDERS=$2 MAE_FAST_BENCH_DEADLINE=$(( $(date +%s) + STAGE_LIMIT - 5 )) \
+    bench_pytest benchmarks/test_bench_step.py
+}
+
+do_profile() {  # $1 case, $2 providers
+  if (( PLAN_ONLY )); then need "module benchmarks.profile_step" "profile $1 $2"; return 0; fi
+  python -m benchmarks.profile_step --case "$1" --providers "$2" --steps 5 --host-steps 3 --out "$RES/profile.md"
+}
+
+do_gpu_tests() {  # $1: --rest for the tests the earlier calls did not report
+  if (( PLAN_ONLY )); then need "module benchmarks.gpu_run" "tests $TESTS"; return 0; fi
+  # shellcheck disable=SC2086  # ${1:-} and TESTS: words
+  python -m benchmarks.gpu_run tests --res "$RES" --call "$CALL" --budget-s $(( STAGE_LIMIT - GRACE_S - 5 )) \
+    --jobs "$JOBS" --per-test-s "$PER_TEST_S" ${1:-} $TESTS
+}
+GRACE_S=10  # benchmarks/gpu_run.py's wait for the processes it stops (GRACE_S there)
+
+do_ops() {  # $1: pytest -k expression over the op suites, $2 attention cases
+  if (( PLAN_ONLY )); then need "ops $OPS" "attention $2"; return 0; fi
+  local files=() op
+  for op in ${OPS//,/ }; do
+    [[ "$1" == compiled && "$op" == attention ]] || files+=("benchmarks/test_bench_$op.py")  # no compiled impl
   done
-  for i in "${!pids[@]}"; do
-    while kill -0 "${pids[i]}" 2>/dev/null; do wait "${pids[i]}"; done
-    wait "${pids[i]}"; r=$?
-    (( r == 0 || r == 5 )) || rc=1  # 5: no GPU test in the group
-    echo "--- gpu-tests job $i (rc $r):${groups[i]}"
-    cat "$LOGS/gpu-tests-$i.log"
-  done
-  return $rc
+  (( ${#files[@]} )) || { echo "no op suite selected"; return 0; }
+  MAE_FAST_BENCH_ATTENTION_CASES=$2 bench_pytest "${files[@]}" -k "$1"
 }
 
-gpu_name() { python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')" 2>/dev/null || echo NVIDIA; }
-
-report() {
-  local dev; dev=$(gpu_name)
-  python -m benchmarks.report --csv "$RES/results.csv" --outdir "$RES" --device "$dev" --profile "$LOGS/profile.md" \
-    > "$LOGS/report.md"
+do_report() {
+  if (( PLAN_ONLY )); then need "module benchmarks.report"; return 0; fi
+  [ -f "$RES/results.csv" ] || { echo "no results to report"; return 0; }
+  python -m benchmarks.report --csv "$RES/results.csv" --outdir "$RES" --device "$GPU_NAME" \
+    --run "$RUN_ID" --profile "$RES/profile.md" > "$LOGS/call$CALL-report.md"
 }
 
-export ROOT RES LOGS
-export -f build verify bench_opts bench_step profile gpu_tests bench_ops gpu_name report
+call1() {
+  stage build 150 0 "build the extension" do_build
+  stage info 40 0 "versions, clocks, mae_fast.info; stop if a kernel is missing" do_info
+  stage attention 75 20 "attention backends, $ATTENTION_CASES, fwd and fwd+bwd" do_attention "$ATTENTION_CASES"
+  stage step-vit_b16 240 90 "ViT-B/16 step: $VIT_B_PROVIDERS" do_step official-vit_b16 "$VIT_B_PROVIDERS"
+  stage profile 75 30 "profile of the ViT-B/16 step: $PROFILE_PROVIDERS" \
+    do_profile official-vit_b16 "$PROFILE_PROVIDERS"
+  stage step-vit_l16 120 100 "ViT-L/16 step: $VIT_L_PROVIDERS" do_step official-vit_l16 "$VIT_L_PROVIDERS"
+  stage gpu-tests 9999 45 "pytest -m gpu, $JOBS processes, as far as the budget reaches" do_gpu_tests
+  stage report 25 0 "report of the run" do_report
+}
 
-echo "mae_fast GPU run: $(date -u), budget ${BUDGET}s, run id $MAE_FAST_BENCH_DATE, commit ${MAE_FAST_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
-if command -v nvidia-smi > /dev/null; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | head -3
-else
-  echo "nvidia-smi: not found"
+call2() {
+  stage build 150 0 "build the extension (skipped when up to date)" do_build
+  stage info 40 0 "versions, clocks, mae_fast.info; stop if a kernel is missing" do_info
+  stage gpu-tests 150 45 "pytest -m gpu: what call 1 did not report, $JOBS processes" do_gpu_tests --rest
+  stage ops 90 20 "op suites $OPS against eager (attention $ATTENTION_CASES)" do_ops "not compiled" "$ATTENTION_CASES"
+  stage ops-compiled 9999 30 "the op suites' torch.compile baselines" do_ops compiled "$ATTENTION_CASES"
+  stage report 25 0 "report of the run" do_report
+}
+
+# ----------------------------------------------------------------------------- plan and checks
+
+STAGE_NAMES=()
+"call$CALL"
+need "int MAE_FAST_GPU_BUDGET_S $BUDGET" "int MAE_FAST_GPU_TEST_JOBS $JOBS" \
+  "int MAE_FAST_GPU_TEST_TIMEOUT_S $PER_TEST_S" \
+  "stages ${MAE_FAST_GPU_STAGES:-all} $(IFS=,; echo "${STAGE_NAMES[*]}")" \
+  "unset MAE_FAST_BENCH_CASES MAE_FAST_BENCH_PROVIDERS" \
+  "knobs" "module benchmarks.gpu_run"
+COMMIT=${MAE_FAST_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo "unknown (set MAE_FAST_COMMIT)")}
+echo "mae_fast GPU run, call $CALL$( (( DRY_RUN )) && echo " (dry run: nothing is run)"): budget ${BUDGET}s" \
+  "(${RESERVE}s of it kept for the report), run id $RUN_ID, commit $COMMIT, results in $RES"
+printf '%-14s %5s %5s  %s\n' stage "max s" "min s" what
+printf '%s\n' "${PLAN[@]}"
+echo "checking ${#CHECKS[@]} things the stages need (names, files, modules, knobs)"
+python -m benchmarks.gpu_run check "${CHECKS[@]}"
+rc=$?
+if (( DRY_RUN )); then
+  if (( rc == 0 )); then echo "dry run: OK"; else echo "dry run: FAILED (above: what to fix)"; fi
+  exit $(( rc ? 1 : 0 ))
 fi
+(( rc == 0 )) || { echo "not run: the checks above failed"; exit 2; }
 
-stage build 200 $(( BUDGET - 250 )) build
-stage info 40 $(( BUDGET - 230 )) verify
-stage gpu-tests 150 $(( BUDGET - 200 )) gpu_tests
-# what the stages after bench-step need (profile, bench-ops 45 s, report 25 s), where they run
-PROFILE_S=${MAE_FAST_PROFILE_S:-45}
-STEP_END=$(( BUDGET - 25 - $(wanted profile && echo "$PROFILE_S" || echo 0) - $(wanted bench-ops && echo 45 || echo 0) ))
-STEP_LIMIT=$(( STEP_END - $(elapsed) ))
-stage bench-step "$STEP_LIMIT" "$STEP_END" bench_step "$STEP_LIMIT"
-stage profile "$PROFILE_S" $(( BUDGET - 25 - $(wanted bench-ops && echo 45 || echo 0) )) profile
-stage bench-ops 120 $(( BUDGET - 25 )) bench_ops
-stage report 30 "$BUDGET" report
+# ----------------------------------------------------------------------------- run
 
-if (( ! DRY_RUN )) && [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then  # one archive: a runner may return few files
-  tar czf "$OUT/gpu_results.tgz" "$RES" && echo "archived $RES to \$OUT/gpu_results.tgz"
-fi
+mkdir -p "$LOGS"
+echo "$RUN_ID" > "$RES/run_id"
+MODE=run PLAN_ONLY=0
+GPU_NAME=$(gpu_name)
+export RES LOGS CALL RUN_ID PYTHON PLAN_ONLY OPS TESTS JOBS PER_TEST_S GRACE_S GPU_NAME
+export -f python need gpu_name slug bench_opts bench_pytest do_build do_info do_attention do_step do_profile \
+  do_gpu_tests do_ops do_report
+STAGE_NAMES=()
+"call$CALL"
 
+SUMMARY=$RES/summary-call$CALL.txt
+{
+  echo "=============== mae_fast GPU run, call $CALL: $(elapsed)s of ${BUDGET}s, run id $RUN_ID," \
+    "commit $COMMIT ==============="
+  printf '%s\n' "${STATUS[@]}"
+  [ -n "$STOPPED" ] && echo "STOPPED: $STOPPED (see $LOGS/call$CALL-info.log)"
+  true
+  echo
+  python -m benchmarks.gpu_run summary --res "$RES" 2>&1
+  echo
+  where="results: $RES"
+  [ -f "$RES/results.csv" ] && where+=": the rows of run $RUN_ID in results.csv"
+  [ -f "$RES/$(slug).md" ] && where+=", $(slug).md"
+  [ -n "${OUT:-}" ] && where+="; copied to \$OUT"
+  echo "$where"
+} > "$SUMMARY"
+save_out
 echo
-echo "=============================== summary ($(elapsed)s) ==============================="
-for line in "${SUMMARY[@]}"; do echo "$line"; done
-(( DRY_RUN )) && exit 0
-python -m benchmarks.report --csv "$RES/results.csv" --device "$(gpu_name)" --summary 2>&1 | tail -45
+cat "$SUMMARY"
+[ -n "$STOPPED" ] && exit 3
+exit "$FAILED"

@@ -9,7 +9,13 @@ Then, without torch.profiler, where the host's time goes: the time step() takes 
 sync (the host's share of a step, unless the launch queue fills), and cProfile's functions by own
 time (--host-steps; a C++ op's own time there is its dispatch and launch, or a wait on the GPU).
 
+CUDA-graph providers (mae_fast_graphed) are profiled first, before any other profiler session of
+the process has started and ended: a session that ended before a CUDA graph was captured can leave
+that graph's kernels untraced (CUPTI). Where no kernel of the profiled steps was recorded, the
+report says so instead of showing empty categories.
+
     python -m benchmarks.profile_step --case official-vit_b16 --providers mae_fast,reference --out prof.md
+    python -m benchmarks.profile_step --case official-vit_b16 --providers mae_fast_graphed,mae_fast --dry-run
 """
 from __future__ import annotations
 
@@ -119,14 +125,19 @@ def render(case, results: dict, top: int = 8) -> str:
             by_cat[category(name)] += t
         lines += [f"**{provider}**: {r['wall'] * 1e3:.2f} ms/step wall, {busy * 1e3:.2f} ms/step in {unit}s"
                   + (f" (GPU busy {busy / r['wall']:.0%}), {r['launches']:.0f} kernels/step" if S.CUDA else ""),
-                  "",
-                  "| category | ms/step | share |", "|---|---:|---:|"]
-        lines += [f"| {cat} | {t * 1e3:.2f} | {t / busy:.1%} |"
-                  for cat, t in sorted(by_cat.items(), key=lambda kv: -kv[1])]
-        lines += ["", f"top {top} {unit}s:", ""]
-        lines += [f"- {t * 1e3:7.2f} ms  [{category(n)}] {n[:110]}"
-                  for n, t in sorted(r["times"].items(), key=lambda kv: -kv[1])[:top]]
-        lines.append("")
+                  ""]
+        if busy <= 0:
+            lines += [f"no {unit} was recorded in the profiled steps"
+                      + (" (the profiler traced none of the CUDA graph's kernels)"
+                         if S.compile_mode(provider) == "reduce-overhead" else ""), ""]
+        else:
+            lines += ["| category | ms/step | share |", "|---|---:|---:|"]
+            lines += [f"| {cat} | {t * 1e3:.2f} | {t / busy:.1%} |"
+                      for cat, t in sorted(by_cat.items(), key=lambda kv: -kv[1])]
+            lines += ["", f"top {top} {unit}s:", ""]
+            lines += [f"- {t * 1e3:7.2f} ms  [{category(n)}] {n[:110]}"
+                      for n, t in sorted(r["times"].items(), key=lambda kv: -kv[1])[:top]]
+            lines.append("")
         if r.get("host"):
             h = r["host"]
             lines += [f"host: step() returns {h['return_s'] * 1e3:.2f} ms after a sync; cProfile's top functions "
@@ -134,6 +145,24 @@ def render(case, results: dict, top: int = 8) -> str:
             lines += [f"- {t * 1e3:7.2f} ms {calls:7.0f}  {name[:110]}" for name, t, calls in h["functions"]]
             lines.append("")
     return "\n".join(lines)
+
+
+def check_args(case_name: str, providers: list[str], cuda: bool | None = None):
+    """(case, providers in the order to profile them: CUDA-graph ones first) for CUDA (cuda=True)
+    or a CPU (False; default: this machine); ValueError names what does not fit."""
+    cuda = S.CUDA if cuda is None else cuda
+    if case_name not in S.ALL_CASES:
+        raise ValueError(f"--case: unknown {case_name!r}; known: {sorted(S.ALL_CASES)}")
+    case = S.ALL_CASES[case_name]
+    if not providers:
+        raise ValueError("--providers: none named")
+    allowed = S.providers_of(case.api, cuda) + S.OPT_IN[case.api]
+    unknown = [x for x in providers if x not in allowed]
+    if unknown:
+        cuda_only = [x for x in unknown if x in S.providers_of(case.api, True) + S.OPT_IN[case.api]]
+        why = f"; {cuda_only} need CUDA" if cuda_only else ""
+        raise ValueError(f"--providers: {unknown} not among {allowed} for the {case.api} API{why}")
+    return case, sorted(providers, key=lambda x: S.compile_mode(x) != "reduce-overhead")
 
 
 def main(argv=None) -> int:
@@ -145,17 +174,28 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--host-steps", type=int, default=3, help="steps of the host profile (0: none)")
     p.add_argument("--out", type=Path, help="also write the markdown here")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the case and providers for a CUDA run, print the plan, profile nothing")
     args = p.parse_args(argv)
-    case = S.ALL_CASES[args.case]
-    providers = [x for x in args.providers.split(",") if x]
-    unknown = [x for x in providers if x not in S.PROVIDERS[case.api]]
-    if unknown:
-        p.error(f"--providers: {unknown} not among {S.PROVIDERS[case.api]} for the {case.api} API")
+    try:
+        case, providers = check_args(args.case, [x for x in args.providers.split(",") if x],
+                                     cuda=True if args.dry_run else None)
+    except ValueError as e:
+        p.error(str(e))
+    if args.dry_run:
+        print(f"profile {case.name}: {', '.join(providers)}, {args.warmup} warm-up + {args.steps} profiled steps"
+              + (f", host profile of {args.host_steps} steps" if args.host_steps else ""))
+        return 0
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if S.CUDA else [])):
-        torch.ones(8).sum()  # the profiler's one-time start-up would otherwise land on the first provider
+    if S.compile_mode(providers[0]) != "reduce-overhead":
+        # the profiler's one-time start-up would otherwise land on the first provider; not before a
+        # CUDA graph's capture (see the module's docstring)
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if S.CUDA else [])):
+            torch.ones(8).sum()
     results = {}
+    if args.out and args.out.exists():
+        args.out.unlink()  # an earlier run's profile is not this one's
     old_interp = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"  # CPU: the ops' PyTorch fallbacks, as the step benchmark runs them
     try:
@@ -164,16 +204,16 @@ def main(argv=None) -> int:
                 results[provider] = profile_provider(case, provider, args.steps, args.warmup, args.host_steps)
             except S.PeerUnavailable as e:
                 print(f"{provider}: skipped ({e})")
+                continue
+            if args.out:  # after each provider: a run stopped by a time limit keeps what it profiled
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(render(case, results) + "\n")
     finally:
         if old_interp is None:
             os.environ.pop("TRITON_INTERPRET")
         else:
             os.environ["TRITON_INTERPRET"] = old_interp
-    text = render(case, results)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print(render(case, results))
     return 0
 
 

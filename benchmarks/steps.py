@@ -10,7 +10,7 @@ Providers:
   mae_fast_pred        official API only: the drop-in call forward(imgs, ratio, noise) -> (loss, pred, mask)
   mae_fast_compiled    torch.compile(mae_fast model)
   mae_fast_graphed     CUDA only: torch.compile(mae_fast model, mode="reduce-overhead"), i.e. with CUDA
-                       graphs; measured last, so a tight time budget drops it first
+                       graphs; last of the default providers, so a tight time budget drops it first
   mae_fast_triton_attn[_compiled|_graphed]
                        the same with the blocks on mae_fast.ops.attention (set_attention_backend
                        "triton"; the others run "sdpa")
@@ -31,7 +31,8 @@ Providers:
 Cases. CUDA: ViT-B/16 and ViT-L/16 (official API) at 224x224, mask 0.75, batch 256 (ViT-L 128),
 and a ViT-B-sized vit-pytorch-API model, under bf16 autocast, fused AdamW. CPU: the `tiny` preset
 (32x32, patch 4) and a vit-pytorch-API model of the same size, batch 64, fp32. Quick mode: depth-1
-models, batch 8. MAE_FAST_BENCH_CASES and MAE_FAST_BENCH_PROVIDERS (comma-separated) select.
+models, batch 8. MAE_FAST_BENCH_CASES and MAE_FAST_BENCH_PROVIDERS (comma-separated) select; named
+providers are measured in the order named (the opt-in ones included), an unknown name raises.
 """
 from __future__ import annotations
 
@@ -105,6 +106,7 @@ PROVIDERS = {
     + (["mae_fast_graphed"] if CUDA else []),
     VIT_PYTORCH: ["mae_fast", "reference", "vit_pytorch", "mae_fast_compiled", "reference_compiled"],
 }
+CUDA_ONLY = {OFFICIAL: ["mae_fast_graphed"], VIT_PYTORCH: []}  # in PROVIDERS where CUDA is
 TRITON_ATTN = "_triton_attn"  # provider infix: the blocks on mae_fast.ops.attention
 OPT_IN = {OFFICIAL: [f"mae_fast{TRITON_ATTN}{sfx}" for sfx in ("", "_compiled", "_graphed", "_fused")]
           + ["mae_fast_fused"], VIT_PYTORCH: []}
@@ -118,20 +120,44 @@ def compile_mode(provider: str):
     return next((mode for suffix, mode in COMPILE_MODES.items() if provider.endswith(suffix)), None)
 
 
-def selected(quick: bool):
-    """[(case, provider)] to measure, in the order to measure them."""
-    cases = QUICK_CASES if quick else (GPU_CASES if CUDA else CPU_CASES)
-    only = {c for c in os.environ.get("MAE_FAST_BENCH_CASES", "").split(",") if c}
+def providers_of(api: str, cuda: bool | None = None) -> list[str]:
+    """The providers an API runs by default on CUDA (cuda=True) or a CPU (False; default: this machine)."""
+    cuda = CUDA if cuda is None else cuda
+    names = [p for p in PROVIDERS[api] if cuda or p not in CUDA_ONLY[api]]
+    return names + [p for p in CUDA_ONLY[api] if cuda and p not in names]
+
+
+def known_providers() -> set[str]:
+    """Every provider name, whatever the device."""
+    return {p for api in PROVIDERS for p in PROVIDERS[api] + CUDA_ONLY[api] + OPT_IN[api]}
+
+
+def _names(value: str | None, var: str) -> list[str]:
+    value = os.environ.get(var, "") if value is None else value
+    return list(dict.fromkeys(x.strip() for x in value.split(",") if x.strip()))
+
+
+def selected(quick: bool, cuda: bool | None = None, cases: str | None = None, providers: str | None = None):
+    """[(case, provider)] to measure, in the order to measure them, on CUDA or a CPU (default: this
+    machine). cases / providers: comma-separated names, default MAE_FAST_BENCH_CASES /
+    MAE_FAST_BENCH_PROVIDERS; named providers are measured in the order named. An unknown name raises."""
+    cuda = CUDA if cuda is None else cuda
+    only = _names(cases, "MAE_FAST_BENCH_CASES")
+    named = _names(providers, "MAE_FAST_BENCH_PROVIDERS")
+    known = known_providers()
+    if set(named) - known:  # a typo would silently drop a provider from a GPU run
+        raise ValueError(f"MAE_FAST_BENCH_PROVIDERS: unknown {sorted(set(named) - known)}; known: {sorted(known)}")
+    if set(only) - set(ALL_CASES):
+        raise ValueError(f"MAE_FAST_BENCH_CASES: unknown {sorted(set(only) - set(ALL_CASES))}; "
+                         f"known: {sorted(ALL_CASES)}")
+    cases = QUICK_CASES if quick else (GPU_CASES if cuda else CPU_CASES)
     if only:
         cases = [c for c in cases if c.name in only]
-    providers = {p for p in os.environ.get("MAE_FAST_BENCH_PROVIDERS", "").split(",") if p}
-    known = {p for api in PROVIDERS for p in PROVIDERS[api] + OPT_IN[api]}
-    if providers - known:  # a typo would silently drop a provider from a GPU run
-        raise ValueError(f"MAE_FAST_BENCH_PROVIDERS: unknown {sorted(providers - known)}; known: {sorted(known)}")
-    if only - set(ALL_CASES):
-        raise ValueError(f"MAE_FAST_BENCH_CASES: unknown {sorted(only - set(ALL_CASES))}; known: {sorted(ALL_CASES)}")
-    pairs = [(c, p) for c in cases for p in PROVIDERS[c.api] + (OPT_IN[c.api] if providers else [])
-             if not providers or p in providers]
+    pairs = []
+    for c in cases:
+        default = providers_of(c.api, cuda)
+        allowed = default + OPT_IN[c.api]
+        pairs += [(c, p) for p in (named or default) if p in allowed]
 
     # the first case whole, CUDA graphs included, then the eager providers of the other cases, then
     # their (slow to compile) compiled ones, their graphs last: under a time budget the tail that

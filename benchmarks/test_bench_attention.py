@@ -7,7 +7,8 @@ of qkv).
 Cases are MAE's attention under bf16 autocast. CUDA: ViT-B/16 at batch 256 and ViT-L/16 at 128,
 encoder (49 kept patches + cls = 50 tokens, heads of 64) and decoder (197 tokens, 16 heads of 32);
 median of triton.testing.do_bench. CPU: small shapes in fp32, the ops' PyTorch fallback (a harness
-check, not a measurement of the kernels), 1 thread.
+check, not a measurement of the kernels), 1 thread. MAE_FAST_BENCH_ATTENTION_CASES (comma-separated
+names of GPU_CASES or CPU_CASES, e.g. "vit_b-encoder,vit_b-decoder") selects; an unknown name raises.
 
 benchmark.extra_info holds the counted FLOPs (forward 4 B H N^2 d: the two products; backward
 2.5x that: five products, the scores recomputed), TFLOP/s, the counted bytes (forward reads qkv and
@@ -17,6 +18,7 @@ and the speedup over "eager" measured in the same run.
     pytest benchmarks/test_bench_attention.py --benchmark-group-by=group
 """
 import contextlib
+import os
 
 import pytest
 import torch
@@ -27,9 +29,23 @@ from mae_fast.models import blocks as layers
 from benchmarks.common import CUDA, DEVICE, device_name
 
 # name: (B, N, heads, d)
-CASES = {"vit_b-encoder": (256, 50, 12, 64), "vit_b-decoder": (256, 197, 16, 32),
-         "vit_l-encoder": (128, 50, 16, 64), "vit_l-decoder": (128, 197, 16, 32)} if CUDA else \
-    {"tiny-encoder": (8, 17, 3, 32), "tiny-decoder": (8, 65, 2, 32)}
+GPU_CASES = {"vit_b-encoder": (256, 50, 12, 64), "vit_b-decoder": (256, 197, 16, 32),
+             "vit_l-encoder": (128, 50, 16, 64), "vit_l-decoder": (128, 197, 16, 32)}
+CPU_CASES = {"tiny-encoder": (8, 17, 3, 32), "tiny-decoder": (8, 65, 2, 32)}
+
+
+def selected_cases(names: str | None = None, cuda: bool = CUDA) -> dict:
+    """The cases to measure on CUDA or a CPU: all, or those named (default
+    MAE_FAST_BENCH_ATTENTION_CASES); a name of neither table raises."""
+    names = os.environ.get("MAE_FAST_BENCH_ATTENTION_CASES", "") if names is None else names
+    wanted = [x.strip() for x in names.split(",") if x.strip()]
+    unknown = sorted(set(wanted) - set(GPU_CASES) - set(CPU_CASES))
+    if unknown:
+        raise ValueError(f"MAE_FAST_BENCH_ATTENTION_CASES: unknown {unknown}; known: {[*GPU_CASES, *CPU_CASES]}")
+    return {k: v for k, v in (GPU_CASES if cuda else CPU_CASES).items() if not wanted or k in wanted}
+
+
+CASES = selected_cases()
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 # impl -> the SDPA backend forced (None: torch's choice); "mae_fast" is the op
 BACKENDS = {"eager": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",

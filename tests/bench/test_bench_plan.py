@@ -2,6 +2,8 @@
 the GPU run measures them in (under a time budget the tail is what gets dropped)."""
 import sys
 
+import pytest
+
 from benchmarks import steps as S
 
 
@@ -82,8 +84,6 @@ def test_only_the_fused_provider_steps_with_the_fused_add_norm(monkeypatch):
 
 
 def test_unknown_provider_or_case_names_the_variable(monkeypatch):
-    import pytest
-
     monkeypatch.setenv("MAE_FAST_BENCH_PROVIDERS", "mae_fast,mae_fast_unfused")
     with pytest.raises(ValueError, match=r"MAE_FAST_BENCH_PROVIDERS: unknown \['mae_fast_unfused'\]"):
         S.selected(quick=True)
@@ -91,3 +91,33 @@ def test_unknown_provider_or_case_names_the_variable(monkeypatch):
     monkeypatch.setenv("MAE_FAST_BENCH_CASES", "official-vit_b16,vit_b")
     with pytest.raises(ValueError, match=r"MAE_FAST_BENCH_CASES: unknown \['vit_b'\]"):
         S.selected(quick=True)
+
+
+def test_named_providers_run_in_the_order_named_and_the_cuda_plan_is_known_on_a_cpu(monkeypatch):
+    monkeypatch.delenv("MAE_FAST_BENCH_CASES", raising=False)
+    monkeypatch.delenv("MAE_FAST_BENCH_PROVIDERS", raising=False)
+    plan = S.selected(False, cuda=True, cases="official-vit_b16",
+                      providers="mae_fast,hf,mae_fast_compiled,mae_fast_graphed,reference_compiled")
+    assert [p for _, p in plan] == ["mae_fast", "hf", "mae_fast_compiled", "mae_fast_graphed", "reference_compiled"]
+    assert [(c.name, p) for c, p in S.selected(False, cuda=True, cases="official-vit_l16",
+                                               providers="mae_fast_graphed")] == [("official-vit_l16",
+                                                                                   "mae_fast_graphed")]
+    # CUDA graphs are a CUDA provider: known by name everywhere, run on CUDA only
+    assert "mae_fast_graphed" in S.providers_of("official", cuda=True)
+    assert "mae_fast_graphed" not in S.providers_of("official", cuda=False)
+    assert S.selected(True, cuda=False, providers="mae_fast_graphed") == []
+    with pytest.raises(ValueError, match=r"MAE_FAST_BENCH_PROVIDERS: unknown \['mae_fast_graphd'\]"):
+        S.selected(False, cuda=True, providers="mae_fast_graphd")
+
+
+def test_attention_suite_case_selection(monkeypatch):
+    from benchmarks import test_bench_attention as A
+
+    assert A.selected_cases("vit_b-encoder,vit_b-decoder", cuda=True) == {
+        "vit_b-encoder": (256, 50, 12, 64), "vit_b-decoder": (256, 197, 16, 32)}  # the MAE shapes
+    assert A.selected_cases("", cuda=True) == A.GPU_CASES
+    assert A.selected_cases("vit_b-encoder", cuda=False) == {}  # a GPU case: none on a CPU
+    with pytest.raises(ValueError, match=r"MAE_FAST_BENCH_ATTENTION_CASES: unknown \['vit_h-encoder'\]"):
+        A.selected_cases("vit_b-encoder,vit_h-encoder")
+    monkeypatch.setenv("MAE_FAST_BENCH_ATTENTION_CASES", "tiny-decoder")
+    assert A.selected_cases(cuda=False) == {"tiny-decoder": A.CPU_CASES["tiny-decoder"]}

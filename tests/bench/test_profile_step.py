@@ -36,3 +36,30 @@ def test_profile_runs_on_cpu(tmp_path, capsys):
 def test_unknown_provider_is_refused():
     with pytest.raises(SystemExit):
         profile_step.main(["--case", "official-micro", "--providers", "hf_typo"])
+
+
+def test_cuda_graph_providers_are_profiled_first_and_need_cuda():
+    case, order = profile_step.check_args("official-vit_b16", ["mae_fast", "mae_fast_graphed"], cuda=True)
+    assert case.name == "official-vit_b16" and order == ["mae_fast_graphed", "mae_fast"]
+    with pytest.raises(ValueError, match=r"\['mae_fast_graphed'\] need CUDA"):
+        profile_step.check_args("official-micro", ["mae_fast_graphed"], cuda=False)
+    with pytest.raises(ValueError, match="not among"):
+        profile_step.check_args("vit_pytorch-micro", ["hf"], cuda=True)
+    _, order = profile_step.check_args("official-micro", ["mae_fast_triton_attn_fused"], cuda=False)  # opt-in
+    assert order == ["mae_fast_triton_attn_fused"]
+
+
+def test_dry_run_checks_for_a_cuda_run(capsys, tmp_path):
+    out = tmp_path / "prof.md"
+    assert profile_step.main(["--case", "official-vit_b16", "--providers", "mae_fast,mae_fast_graphed", "--dry-run",
+                              "--out", str(out)]) == 0
+    assert "profile official-vit_b16: mae_fast_graphed, mae_fast" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_a_step_with_no_kernel_recorded_says_so(monkeypatch):
+    monkeypatch.setattr(profile_step.S, "CUDA", True)
+    case = profile_step.S.ALL_CASES["official-micro"]
+    text = profile_step.render(case, {"mae_fast_graphed": dict(wall=0.05, times={}, launches=0, host=None)})
+    assert "no kernel was recorded in the profiled steps (the profiler traced none of the CUDA graph's kernels)" in text
+    assert "| category |" not in text
