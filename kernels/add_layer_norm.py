@@ -7,8 +7,9 @@ Tensors in, tensors out: no validation here (mae_fast/ops/add_layer_norm.py does
 
 Inputs are (rows, D) with a row stride and unit column stride; every output is contiguous.
 The statistics come from the ROUNDED stored residual, so normed equals eager layer_norm of the
-residual tensor the caller gets back. Loads are converted to fp32 before any arithmetic (right on
-GPUs, required by the interpreter for bf16). Row offsets are int64: rows * D may pass 2**31.
+residual tensor the caller gets back; kernels/stats.py computes them, finite for any finite
+residual (a plain fp32 variance overflows past ~2**64, where F.layer_norm gives NaN). Loads are
+converted to fp32 before any arithmetic. Row offsets are int64: rows * D may pass 2**31.
 
 Backward: total = grad_residual + LN'(grad_normed), recomputing xhat from the saved residual,
 mean and rstd. grad_weight / grad_bias are deterministic: each program sums its own contiguous
@@ -20,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import on_tensor_device
+from .stats import normalize_rows
 
 # Allocator of every buffer the kernels write (a module attribute so tests can NaN-poison it).
 empty = torch.empty
@@ -56,12 +58,9 @@ def _add_layer_norm_fwd_kernel(
     r = (x + d).to(res_ptr.dtype.element_ty)
     out_off = rows[:, None] * D + cols[None, :]
     tl.store(res_ptr + out_off, r, mask=m)
-    r = r.to(tl.float32)
-    mean = tl.sum(r, axis=1) / D
-    c = tl.where(m, r - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=1) / D + eps)
+    xhat, mean, rstd = normalize_rows(r.to(tl.float32), m, D, D, eps)
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = c * rstd[:, None] * w[None, :]
+    y = xhat * w[None, :]
     if HAS_BIAS:
         y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=m)

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from . import NORM_PIX_EPS, on_tensor_device, within_int32
 from .patchify import _batch_and_row_block, _block_config, _patch_offsets
+from .stats import normalize_rows
 
 # Allocator of every buffer the kernels write (a module attribute so tests can NaN-poison it).
 empty = torch.empty
@@ -53,10 +54,7 @@ def _load_rows(pred_ptr, img_ptr, w_ptr, ids_ptr, b, rows, R, L, GW, P,
     off_f = _patch_offsets(f, C, PW, s_ic, s_ih, s_iw)
     t = tl.load(img_ptr + b * s_ib + off_r[:, None] + off_f[None, :], mask=m, other=0.0).to(tl.float32)
     if NORM:
-        mean = tl.sum(t, axis=1) / P
-        d = tl.where(m, t - mean[:, None], 0.0)
-        var = tl.sum(d * d, axis=1) / (P - 1)
-        t = d * (1.0 / tl.sqrt(var + eps))[:, None]
+        t, _, _ = normalize_rows(t, m, P, P - 1, eps)
     p = tl.load(pred_ptr + b * s_pb + rows[:, None] * s_pr + f[None, :] * s_pp, mask=m, other=0.0).to(tl.float32)
     diff = tl.where(m, p - t, 0.0)
     return diff, w, row_ok, bad

@@ -8,8 +8,8 @@ gh x gw patches of ph x pw pixels; patch l = i * gw + j; feature f of a patch ro
 
 Every kernel reads the image through its strides (contiguous, channels_last, sliced or expanded
 all work, nothing is copied), loads each element once, and computes in fp32 whatever the storage
-dtype (load, then .to(tl.float32) before any arithmetic: right on GPUs and required by the
-interpreter for bf16).
+dtype (load, then .to(tl.float32) before any arithmetic). Norm-pix statistics come from
+kernels/stats.py, finite for any finite patch.
 
 Index safety: a patch id outside [0, L) never reads or writes outside a tensor. The gather writes
 a row of NaN for it (so bad ids are loud even without validation); the scatter drops it.
@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import NORM_PIX_EPS, fits_int32, on_tensor_device, within_int32
+from .stats import normalize_rows
 
 
 # Output allocators, module attributes so that tests can poison them (NaN-fill) and catch any
@@ -90,10 +91,7 @@ def _patchify_gather_fwd_kernel(
     m = valid[:, None] & f_ok[None, :]
     x = tl.load(img_ptr + b * s_ib + off_r[:, None] + off_f[None, :], mask=m, other=0.0).to(tl.float32)
     if NORM:
-        mean = tl.sum(x, axis=1) / P
-        d = tl.where(m, x - mean[:, None], 0.0)
-        var = tl.sum(d * d, axis=1) / (P - 1)
-        x = d * (1.0 / tl.sqrt(var + eps))[:, None]
+        x, _, _ = normalize_rows(x, m, P, P - 1, eps)
     x = tl.where(valid[:, None], x, float("nan"))
     out = out_ptr + b * K * P + rows[:, None] * P + f[None, :]
     tl.store(out, x.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & f_ok[None, :])
@@ -138,11 +136,7 @@ def _patchify_gather_bwd_kernel(
     if NORM:
         off_in = (i * (PH * s_ih) + j * (PW * s_iw))[:, None] + _patch_offsets(f, C, PW, s_ic, s_ih, s_iw)[None, :]
         x = tl.load(img_ptr + b * s_ib + off_in, mask=m, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1) / P
-        d = tl.where(m, x - mean[:, None], 0.0)
-        var = tl.sum(d * d, axis=1) / (P - 1)
-        rstd = 1.0 / tl.sqrt(var + eps)
-        y = d * rstd[:, None]
+        y, _, rstd = normalize_rows(x, m, P, P - 1, eps)
         g_mean = tl.sum(g, axis=1) / P
         gy = tl.sum(g * y, axis=1) / (P - 1)
         g = tl.where(m, rstd[:, None] * (g - g_mean[:, None] - y * gy[:, None]), 0.0)

@@ -26,6 +26,20 @@ def _setting(get, var: str) -> str:
         return f"unusable: {e}"
 
 
+def interpreter_line() -> str:
+    """What TRITON_INTERPRET means for CPU tensors, read as Triton and the ops read it."""
+    from mae_fast.ops._common import TRITON_ON, interpreter_on
+
+    value = os.environ.get("TRITON_INTERPRET", "")
+    if interpreter_on():
+        return (f"on (TRITON_INTERPRET={value}): CPU tensors run the Triton kernels, interpreted "
+                "(bfloat16 ones the PyTorch fallbacks: the interpreter computes bfloat16 wrongly)")
+    if value.lower() in ("", "0", "false", "no", "off", "n"):
+        return "off: CPU tensors use PyTorch fallbacks"
+    return (f"off: TRITON_INTERPRET={value!r} is not a value Triton reads as on ({', '.join(TRITON_ON)}, "
+            "any case); CPU tensors use PyTorch fallbacks")
+
+
 def collect() -> dict:
     import torch
 
@@ -43,9 +57,7 @@ def collect() -> dict:
         info["triton"] = triton.__version__
     except ImportError as e:
         info["triton"] = f"unavailable ({e}); ops use their PyTorch fallbacks"
-    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    info["Triton interpreter"] = "on (TRITON_INTERPRET=1): CPU tensors run the Triton kernels" if interp else \
-        "off: CPU tensors use PyTorch fallbacks"
+    info["Triton interpreter"] = interpreter_line()
     build = build_info()
     if EXTENSION_AVAILABLE:
         backends = ", ".join(build.get("backends", [])) or "unknown"

@@ -1,5 +1,6 @@
-"""Shared by the Triton op tests: the odd shapes of docs/design.md, input layouts, and the poisoning of
-every buffer the kernels allocate, so that an element left unwritten fails."""
+"""Shared by the Triton op tests: the odd shapes of docs/design.md, input layouts, the dispatch paths,
+and the NaN allocators that poison every buffer the kernels allocate, so that an element left
+unwritten fails (the fixtures are in tests/ops/conftest.py)."""
 import math
 import os
 
@@ -31,19 +32,6 @@ def _nan_empty_like(t, **kwargs):
     return out.fill_(math.nan) if out.is_floating_point() else out.fill_(-12345)
 
 
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    """Every output the Triton launchers allocate starts as NaN (an autouse fixture for the
-    modules that import it)."""
-    pytest.importorskip("triton")
-    from mae_fast.kernels import masked_mse_loss as kl
-    from mae_fast.kernels import patchify as kp
-
-    monkeypatch.setattr(kl, "empty", _nan_empty)
-    monkeypatch.setattr(kp, "empty", _nan_empty)
-    monkeypatch.setattr(kp, "empty_like", _nan_empty_like)
-
-
 def take_path(name, monkeypatch):
     """Sets up dispatch path `name` ('triton' or 'torch') for one test; returns it."""
     if name == "triton":
@@ -54,12 +42,14 @@ def take_path(name, monkeypatch):
     return name
 
 
-@pytest.fixture(params=["triton", "torch"])
-def path(request, monkeypatch):
-    """Both CPU dispatch paths of an op: 'triton' (its kernels under the interpreter; skipped
-    without TRITON_INTERPRET=1) and 'torch' (the PyTorch fallback: the ops read the variable at
-    call time)."""
-    return take_path(request.param, monkeypatch)
+def runs_kernels(path, t, *also) -> bool:
+    """Whether an op on CPU tensor t (with `also`: its other tensors and result dtypes) runs the
+    interpreted kernels on `path`: on 'triton', unless the interpreter would compute a dtype wrongly
+    (bfloat16), which takes the fallback. Such cases check the fallback on CPU; the GPU tests check
+    the kernels in bfloat16."""
+    from mae_fast.ops._common import interpreted_wrongly
+
+    return path == "triton" and not interpreted_wrongly(t, *also)
 
 
 def runs_without_sync(fn, n=3):

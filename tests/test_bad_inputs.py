@@ -105,9 +105,42 @@ def torch_saved(tmp, name, obj):
     torch.save(obj, path)
     return path
 
+def tiny_ckpt(tmp, name="ckpt.pth", args=None, **top):
+    """A checkpoint the CLI can rebuild (--model tiny at 16 px: 16 patches); top: more top-level entries."""
+    from mae_fast.models.presets import build_model
+
+    path = tmp / name
+    save_checkpoint(path, {"model": build_model("tiny", 16).state_dict(),
+                           "args": {"model": "tiny", "img_size": 16, **(args or {})}, **top})
+    return str(path)
+
+
+def flipped(tmp, name):
+    """A file save_checkpoint wrote, then one bit of a tensor's bytes flipped."""
+    t = torch.arange(64, dtype=torch.float32)
+    path = tmp / name
+    save_checkpoint(path, {"model": {"w": t}})
+    data = bytearray(path.read_bytes())
+    data[data.find(t.numpy().tobytes()) + 100] ^= 0x10
+    path.write_bytes(bytes(data))
+    return path
+
+
 
 def state(**kw):
     return official(**kw).state_dict()
+
+
+def f8(t, dtype=torch.float8_e4m3fn):
+    """t in a float8 dtype: floating point to torch, computed in by none of the ops."""
+    return t.to(dtype)
+
+
+def double_backward(fn, *leaves):
+    """The gradient of the gradient of fn(*leaves) with respect to its first argument."""
+    leaves = [t.detach().requires_grad_() for t in leaves]
+    (g,) = torch.autograd.grad(fn(*leaves).float().square().sum(), leaves[0], create_graph=True)
+    g.sum().backward()
 
 
 # ----------------------------------------------------------------------------- the table
@@ -134,6 +167,8 @@ CASES = [
     ("unpatchify image_size", lambda t: ops.unpatchify(torch.randn(2, 6, 48), 4, (9, 12)), ValueError, r"image_size \(9, 12\) must be multiples of patch_size"),
     ("unpatchify image_size 0", lambda t: ops.unpatchify(torch.randn(2, 6, 48), 4, (0, 12)), ValueError, r"image_size must be positive"),
     ("unpatchify int x", lambda t: ops.unpatchify(torch.zeros(2, 6, 48, dtype=torch.int32), 4, (8, 12)), TypeError, r"x must be a floating-point tensor"),
+    ("patchify float8 imgs", lambda t: ops.patchify(f8(imgs()), 4), TypeError, r"imgs must be a floating-point tensor \(float32, float16, bfloat16 or float64\), got torch.float8_e4m3fn"),
+    ("unpatchify float8 x", lambda t: ops.unpatchify(f8(torch.randn(2, 6, 48), torch.float8_e5m2), 4, (8, 12)), TypeError, r"x must be a floating-point tensor \(float32, float16, bfloat16 or float64\), got torch.float8_e5m2"),
     # --- patchify_gather
     ("gather ids = L", lambda t: ops.patchify_gather(imgs(), ids([0, 6], [1, 2]), 4), ValueError, r"ids must be patch indices in \[0, L=6\), got values in \[0, 6\]"),
     ("gather ids < 0", lambda t: ops.patchify_gather(imgs(), ids([0, -1], [1, 2]), 4), ValueError, r"ids must be patch indices in \[0, L=6\)"),
@@ -148,6 +183,9 @@ CASES = [
     ("gather dup validate", lambda t: ops.patchify_gather(imgs(), ids([0, 0], [1, 2]), 4, validate=True), ValueError, r"ids must be distinct within each row"),
     ("gather dup ids CPU", lambda t: ops.patchify_gather(imgs(), ids([0, 0], [1, 2]), 4), ValueError, r"ids must be distinct within each row"),
     ("gather norm_pix P=1", lambda t: ops.patchify_gather(imgs(C=1, H=2, W=2), ids([0, 1], [2, 3]), 1, norm_pix=True), ValueError, r"norm_pix needs ph\*pw\*C >= 2 values per patch .*got P=1"),
+    ("gather float8 imgs", lambda t: ops.patchify_gather(f8(imgs()), ids([0, 1], [2, 3]), 4), TypeError, r"imgs must be a floating-point tensor \(float32, .*\), got torch.float8_e4m3fn"),
+    ("gather double backward", lambda t: double_backward(lambda x: ops.patchify_gather(x, ids([0, 1], [2, 3]), 4, norm_pix=True), imgs()),
+     NotImplementedError, r"double backward of mae_fast.ops.patchify_gather .*is not supported"),
     # --- masked_mse_loss
     ("loss all-zero mask", lambda t: ops.masked_mse_loss(torch.randn(2, 6, 48), imgs(), 4, mask=torch.zeros(2, 6)), ValueError, r"mask must mark at least one removed patch"),
     ("loss mask shape", lambda t: ops.masked_mse_loss(torch.randn(2, 6, 48), imgs(), 4, mask=torch.ones(6)), ValueError, r"mask must have shape \(B=2, L=6\), got \(6,\)"),
@@ -162,6 +200,19 @@ CASES = [
     ("loss NaN mask", lambda t: ops.masked_mse_loss(torch.randn(2, 6, 48), imgs(), 4, mask=torch.full((2, 6), float("nan"))), ValueError, r"mask must be finite .*got NaN or inf"),
     ("loss mask sums to 0", lambda t: ops.masked_mse_loss(torch.randn(2, 6, 48), imgs(), 4, mask=torch.tensor([[1.0, -1, 0, 0, 0, 0]] * 2)), ValueError, r"mask must be non-negative"),
     ("loss empty batch", lambda t: ops.masked_mse_loss(torch.randn(0, 6, 48), imgs(B=0), 4, mask=torch.ones(0, 6)), ValueError, r"imgs has an empty batch \(B=0\)"),
+    ("loss ids M = 0", lambda t: ops.masked_mse_loss(torch.randn(2, 0, 48), imgs(), 4, ids=torch.zeros(2, 0, dtype=torch.long)), ValueError, r"ids must have shape \(B=2, K\) with 1 <= K <= L=6, got \(2, 0\)"),
+    ("loss float8 pred", lambda t: ops.masked_mse_loss(f8(torch.randn(2, 6, 48)), imgs(), 4, mask=torch.ones(2, 6)), TypeError, r"pred must be a floating-point tensor \(float32, float16, bfloat16 or float64\), got torch.float8_e4m3fn"),
+    ("loss float8 imgs", lambda t: ops.masked_mse_loss(torch.randn(2, 6, 48), f8(imgs()), 4, mask=torch.ones(2, 6)), TypeError, r"imgs must be a floating-point tensor \(float32, .*\), got torch.float8_e4m3fn"),
+    ("loss float8 mask", lambda t: ops.masked_mse_loss(torch.randn(2, 6, 48), imgs(), 4, mask=f8(torch.ones(2, 6))), TypeError, r"mask must be a float \(float32, float16, bfloat16 or float64\) or bool tensor, 1 = removed, got torch.float8_e4m3fn"),
+    ("loss double backward", lambda t: double_backward(lambda p: ops.masked_mse_loss(p, imgs(), 4, mask=torch.ones(2, 6)), torch.randn(2, 6, 48)),
+     NotImplementedError, r"double backward of mae_fast.ops.masked_mse_loss is not supported"),
+    # --- add_layer_norm / attention
+    ("layernorm float8 x", lambda t: ops.add_layer_norm(f8(X), X, torch.ones(8)), TypeError, r"x must be float32, float16, bfloat16 or float64, got torch.float8_e4m3fn"),
+    ("layernorm double backward", lambda t: double_backward(lambda x: ops.add_layer_norm(x, X, torch.ones(8))[1], X),
+     NotImplementedError, r"double backward of mae_fast.ops.add_layer_norm is not supported"),
+    ("attention float8 qkv", lambda t: ops.attention(f8(torch.randn(2, 5, 24)), 2), TypeError, r"qkv must be float32, float16, bfloat16 or float64, got torch.float8_e4m3fn"),
+    ("attention double backward", lambda t: double_backward(lambda q: ops.attention(q, 2), torch.randn(2, 5, 24)),
+     NotImplementedError, r"double backward of mae_fast.ops.attention is not supported"),
     # --- gather_tokens / unshuffle_tokens
     ("tokens ids = L", lambda t: ops.gather_tokens(X, ids([0, 10], [1, 2])), IndexError, r"ids\[0, 1\] = 10 is out of range: indices must be in \[0, 10\)"),
     ("tokens ids 2**33", lambda t: ops.gather_tokens(X, ids([0, 2**33], [1, 2])), IndexError, r"ids\[0, 1\] = 8589934592 is out of range: indices must be in \[0, 10\)"),
@@ -177,6 +228,10 @@ CASES = [
     ("unshuffle num_patches 2**31", lambda t: ops.unshuffle_tokens(VIS, ids([0, 1], [1, 2]), 2**31, MT, num_prefix=1),
      ValueError, r"num_patches must be .*< ?2\*\*31"),
     ("tokens int x", lambda t: ops.gather_tokens(X.long(), ids([0, 1], [1, 2])), TypeError, r"x must be float"),
+    ("tokens float8 x", lambda t: ops.gather_tokens(f8(X), ids([0, 1], [1, 2])), TypeError, r"x must be float32, float16, bfloat16 or float64, got torch.float8_e4m3fn"),
+    ("tokens ids K = 0", lambda t: ops.gather_tokens(X, torch.zeros(2, 0, dtype=torch.long)), ValueError, r"ids must select at least one row \(K >= 1\), got shape \(2, 0\)"),
+    ("unshuffle K = 0", lambda t: ops.unshuffle_tokens(VIS, torch.zeros(2, 0, dtype=torch.long), 10, MT, num_prefix=3), ValueError,
+     r"visible must hold at least one token after its num_prefix = 3 rows \(K >= 1\), got shape \(2, 3, 8\)"),
     # --- MaskedAutoencoderViT
     ("official patch_size 0", lambda t: official(patch_size=0), ValueError, r"patch_size must be a positive int .*got 0"),
     ("official patch_size tuple", lambda t: official(patch_size=(4, 4)), TypeError, r"patch_size must be a positive int .*got \(4, 4\)"),
@@ -216,6 +271,17 @@ CASES = [
     ("ckpt path int", lambda t: load_checkpoint(official(), 3), TypeError, r"path_or_state: expected a checkpoint path or a state dict, got int"),
     ("ckpt save no dir", lambda t: save_checkpoint(t / "no" / "x.pth", {"model": {}}), FileNotFoundError, r"directory of checkpoint '.*x.pth' does not exist"),
     ("ckpt save list", lambda t: save_checkpoint(t / "x.pth", [1]), TypeError, r"state must be a dict, got list"),
+    ("ckpt flipped byte", lambda t: read_checkpoint(flipped(t, "f.pth")), CheckpointError, r"checkpoint '.*f.pth' is corrupt: its contents do not match the sha256 checksum"),
+    ("ckpt safetensors flipped byte", lambda t: read_checkpoint(flipped(t, "f.safetensors")), CheckpointError, r"checkpoint '.*f.safetensors' is corrupt: its contents do not match the sha256 checksum"),
+    ("cli export --out dir", lambda t: cli_main("export", tiny_ckpt(t), "--to", "timm", "--out", str(t)), SystemExit, r"--out '.*' is a directory; expected a file path such as .*encoder.pth"),
+    ("cli export --out no dir", lambda t: cli_main("export", tiny_ckpt(t), "--to", "timm", "--out", str(t / "no" / "e.pth")), SystemExit, r"--out '.*e.pth': the directory '.*no' does not exist"),
+    ("cli export --out checkpoint-N", lambda t: cli_main("export", tiny_ckpt(t), "--to", "timm", "--out", str(t / "checkpoint-7.pth")), SystemExit, r"--out '.*checkpoint-7.pth' is named like a training checkpoint \(checkpoint-<step>.pth\); expected another name"),
+    ("cli export --out training ckpt", lambda t: cli_main("export", tiny_ckpt(t), "--to", "timm", "--force", "--out", tiny_ckpt(t, "run.pth", optimizer={"state": {}, "param_groups": []})), SystemExit, r"--out '.*run.pth' is a training checkpoint; expected another path"),
+    ("cli export --out foreign file", lambda t: cli_main("export", tiny_ckpt(t), "--to", "timm", "--out", str(torch_saved(t, "w.pth", {"w": torch.zeros(1)}))), SystemExit, r"--out '.*w.pth' exists and is no export of mae-fast; expected a new path, or --force"),
+    ("cli visualize --out x.txt", lambda t: cli_main("visualize", tiny_ckpt(t), str(write(t, "i.png", b"x")), "--out", str(t / "x.txt")), SystemExit, r"--out '.*x.txt': matplotlib cannot write '.txt' pictures; expected a name ending in .*\.png"),
+    ("cli visualize --mask-ratio 0.999", lambda t: cli_main("visualize", tiny_ckpt(t), str(write(t, "i.png", b"x")), "--mask-ratio", "0.999"), SystemExit, r"--mask-ratio 0.999 leaves no visible patch of the model's 16; expected at most 0.9375"),
+    ("cli unknown preset", lambda t: cli_main("probe", tiny_ckpt(t, args={"model": "gigantic"})), SystemExit, r"its args name the model 'gigantic'; expected one of tiny, small, base, large, huge"),
+    ("cli ckpt args img_size", lambda t: cli_main("probe", tiny_ckpt(t, args={"img_size": 18})), SystemExit, r"does not fit the model its args describe \(--model tiny\): img_size \(18, 18\) must be .*divisible by patch_size 4"),
     # --- CLI
     ("cli --epochs 0", lambda t: pretrain_args("--epochs", "0"), SystemExit, r"--epochs must be >= 1, got 0"),
     ("cli --img-size 0", lambda t: pretrain_args("--img-size", "0"), SystemExit, r"--img-size must be >= 1, got 0"),

@@ -3,9 +3,10 @@ constants and argument checks.
 
 Dispatch: CUDA tensors run the Triton kernels (mae_fast.kernels) and the extension's CUDA kernels;
 CPU tensors run the extension's C++ kernels, and for the Triton ops the very same Triton kernels
-when TRITON_INTERPRET=1 was set before import, a vectorised PyTorch fallback otherwise. float64
-always takes the fallback (exact, used by gradcheck). Nothing here initialises CUDA, and a missing
-extension or Triton only means fallbacks: `python -m mae_fast.info` says why.
+when TRITON_INTERPRET was on (1, true, yes, on or y, as Triton reads it) before import, a vectorised
+PyTorch fallback otherwise. float64 always takes the fallback (exact, used by gradcheck), and so do
+CPU calls that involve bfloat16, which the interpreter computes wrongly. Nothing here initialises
+CUDA, and a missing extension or Triton only means fallbacks: `python -m mae_fast.info` says why.
 
 Checks look at shapes, dtypes and devices only (no tensor values), so torch.compile traces them
 without graph breaks; every error names the argument and what it must be.
@@ -22,6 +23,7 @@ from torch import Tensor
 from mae_fast.kernels import NORM_PIX_EPS  # noqa: F401 -- the official norm_pix_loss eps, shared with the kernels
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FLOAT_NAMES = "float32, float16, bfloat16 or float64"
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 # ----------------------------------------------------------------------------- the compiled extension
@@ -79,18 +81,41 @@ def load_kernels(name: str):
 
 
 def is_interpreted(mod) -> bool:
-    """Whether a kernel module's kernels were decorated under TRITON_INTERPRET=1."""
+    """Whether a kernel module's kernels were decorated under TRITON_INTERPRET (on)."""
     kernel = next(v for k, v in vars(mod).items() if k.endswith("_kernel"))
     return type(kernel).__name__ == "InterpretedFunction"
 
 
-def triton_kernels(name: str, t: Tensor):
-    """The kernel module to run for tensor t, or None for the PyTorch fallback."""
+# The values of TRITON_INTERPRET that Triton reads as on (triton.knobs, any case); any other is off.
+TRITON_ON = ("1", "true", "yes", "on", "y")
+
+# Dtypes the interpreter computes wrongly, without a word: its bfloat16 tl.dot and arithmetic are not
+# bfloat16's, and it rounds fp32 -> bfloat16 by truncation. CPU calls with them take the fallback.
+INTERPRETER_WRONG = (torch.bfloat16,)
+
+
+def interpreter_on() -> bool:
+    """Whether TRITON_INTERPRET is on, read as Triton reads it."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in TRITON_ON
+
+
+def interpreted_wrongly(t: Tensor, *also) -> bool:
+    """Whether the interpreter would run a kernel for CPU tensor t and get a dtype of t or of `also`
+    (tensors or dtypes the kernel reads or writes; None skipped) wrong."""
+    if t.device.type != "cpu" or not interpreter_on():
+        return False
+    dtypes = {t.dtype, *(a.dtype if isinstance(a, Tensor) else a for a in also if a is not None)}
+    return not dtypes.isdisjoint(INTERPRETER_WRONG)
+
+
+def triton_kernels(name: str, t: Tensor, *also):
+    """The kernel module to run for tensor t, or None for the PyTorch fallback. also: the op's other
+    tensors and result dtypes, which on CPU decide whether the interpreter computes them right."""
     if t.dtype == torch.float64:
         return None
     if t.device.type == "cuda":
         return load_kernels(name)
-    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if t.device.type == "cpu" and interpreter_on() and not interpreted_wrongly(t, *also):
         mod = load_kernels(name)
         if mod is not None and is_interpreted(mod):
             return mod
@@ -100,6 +125,44 @@ def triton_kernels(name: str, t: Tensor):
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The arithmetic and accumulation dtype: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Rows whose largest magnitude passes 2**48 are scaled by 2**-80 (a power of two: exact) before
+# their sums: unscaled, the squares of values past ~2**64 overflow fp32 to inf and the normalised
+# row would come out as 0 or NaN where the exact one is finite. Rows of up to 2**24 values then
+# stay below 2**128 throughout; other rows are computed unscaled. kernels/stats.py does the same.
+SCALE_ABOVE, SCALE = 2.0 ** 48, 2.0 ** -80
+
+
+def normalize_rows(x: Tensor, ddof: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd) over the last dim of x: y = (x - mean) * rstd, rstd = 1 / sqrt(var + eps),
+    var = sum((x - mean)**2) / (n - ddof); two-pass, in x's dtype. mean and rstd keep the last dim
+    (size 1). Finite wherever the exact values are: rows past 2**48 are scaled first, and a
+    constant row gets y = 0 and rstd = 1 / sqrt(eps) however large its values."""
+    big = x.abs().amax(dim=-1, keepdim=True) > SCALE_ABOVE
+    s = torch.where(big, SCALE, 1.0).to(x.dtype)
+    u = x * s
+    mean = u.mean(dim=-1, keepdim=True)
+    d = u - mean
+    var = (d * d).sum(dim=-1, keepdim=True) / (x.shape[-1] - ddof)
+    flat = var == 0  # eps * s * s underflows for a scaled row: 1 / sqrt(eps) is its exact rstd
+    r = torch.where(flat, eps, var + eps * s * s).rsqrt()
+    return d * r, mean / s, torch.where(flat, r, r * s)
+
+
+def refuse_double_backward(backward_op: str, what: str) -> None:
+    """Registers as the autograd of mae_fast::<backward_op> a refusal naming `what`: the fused
+    backward kernels are not differentiable, and without it a gradient of a gradient fails with
+    torch's "no autograd formula" (or, past a kernel, is silently disconnected)."""
+    def refuse(ctx, *grads):
+        raise NotImplementedError(f"double backward of {what} is not supported: its gradient comes from "
+                                  "fused kernels that are not differentiable themselves")
+
+    torch.library.register_autograd(f"mae_fast::{backward_op}", refuse, setup_context=_no_context)
+
+
+def _no_context(ctx, inputs, output) -> None:
+    pass
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -133,7 +196,15 @@ def check_float(t, name: str) -> None:
     """A tensor of one of FLOAT_DTYPES."""
     check_tensor(t, name)
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+        raise TypeError(f"{name} must be {FLOAT_NAMES}, got {t.dtype}")
+
+
+def check_floating_point(t, name: str) -> None:
+    """check_float, worded for tensors whose dtype follows the input's: float8 and complex tensors
+    are floating point to torch, but no kernel or fallback here computes in them."""
+    check_tensor(t, name)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor ({FLOAT_NAMES}), got {t.dtype}")
 
 
 def check_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
@@ -147,9 +218,7 @@ def check_imgs(imgs, patch_size, name: str = "imgs") -> tuple[int, int]:
     check_tensor(imgs, name)
     if imgs.dim() != 4:
         raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(imgs.shape)}")
-    if not imgs.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), "
-                        f"got {imgs.dtype}")
+    check_floating_point(imgs, name)
     _, _, H, W = imgs.shape
     if H % ph:
         raise ValueError(f"{name} height H={H} must be a multiple of patch_size ph={ph}")

@@ -11,7 +11,8 @@ mean and rstd (x.shape[:-1], fp32; fp64 on the float64 path) are saved for the b
 recomputes xhat from the stored residual. grad_delta is a (0,) tensor when delta has x's dtype
 (grad_x serves both: a custom op may not return one tensor twice), grad_bias is (0,) without bias.
 Dispatch as every Triton op (mae_fast/ops/_common.py): Triton on CUDA, Triton interpreted on CPU with
-TRITON_INTERPRET=1, a PyTorch fallback otherwise, always for a float64 residual and for D > MAX_D.
+TRITON_INTERPRET on, a PyTorch fallback otherwise, always for a float64 residual and for D > MAX_D,
+and on CPU where any of x, delta or the normed result is bfloat16.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import FLOAT_DTYPES, check_device, check_float, compute_dtype, triton_kernels
+from ._common import (FLOAT_DTYPES, FLOAT_NAMES, check_device, check_float, compute_dtype, interpreted_wrongly,
+                      normalize_rows, refuse_double_backward, triton_kernels)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -30,8 +32,15 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def _kernels(t: Tensor, res_dtype: torch.dtype):
-    k = triton_kernels("add_layer_norm", t)
+    k = triton_kernels("add_layer_norm", t, res_dtype)
     return k if k is not None and res_dtype != torch.float64 and t.shape[-1] <= k.MAX_D else None
+
+
+def _kernels_for(t: Tensor, res_dtype: torch.dtype, *dtypes):
+    """_kernels, or None where the interpreter would also get one of `dtypes` (the op's other inputs
+    and results) wrong."""
+    k = _kernels(t, res_dtype)
+    return None if k is None or interpreted_wrongly(t, *dtypes) else k
 
 
 def _empty0(t: Tensor) -> Tensor:
@@ -46,14 +55,11 @@ def add_layer_norm_torch(x, delta, weight, bias, eps, out_dtype):
     res_dtype = torch.promote_types(x.dtype, delta.dtype)
     cd = compute_dtype(res_dtype)
     res = (x.to(cd) + delta.to(cd)).to(res_dtype).contiguous()
-    r = res.to(cd)
-    mean = r.mean(dim=-1)
-    c = r - mean.unsqueeze(-1)
-    rstd = ((c * c).mean(dim=-1) + eps).rsqrt()
-    y = c * rstd.unsqueeze(-1) * weight.to(cd)
+    xhat, mean, rstd = normalize_rows(res.to(cd), 0, eps)
+    y = xhat * weight.to(cd)
     if bias is not None:
         y = y + bias.to(cd)
-    return res, y.to(out_dtype).contiguous(), mean, rstd
+    return res, y.to(out_dtype).contiguous(), mean.squeeze(-1), rstd.squeeze(-1)
 
 
 def add_layer_norm_backward_torch(grad_res, grad_normed, residual, weight, bias, mean, rstd, x_dtype, delta_dtype):
@@ -76,7 +82,7 @@ def add_layer_norm_backward_torch(grad_res, grad_normed, residual, weight, bias,
 
 def _forward_impl(x, delta, weight, bias, eps, out_dtype):
     res_dtype = torch.promote_types(x.dtype, delta.dtype)
-    k = _kernels(x, res_dtype)
+    k = _kernels_for(x, res_dtype, delta, out_dtype)
     if k is None:
         return add_layer_norm_torch(x, delta, weight, bias, eps, out_dtype or res_dtype)
     lead = x.shape[:-1]
@@ -101,7 +107,7 @@ def _(x, delta, weight, bias, eps, out_dtype):
 
 
 def _backward_impl(grad_residual, grad_normed, residual, weight, bias, mean, rstd, x_dtype, delta_dtype):
-    k = _kernels(residual, residual.dtype)
+    k = _kernels_for(residual, residual.dtype, x_dtype, delta_dtype, grad_normed)
     if k is None:
         return add_layer_norm_backward_torch(grad_residual, grad_normed, residual, weight, bias, mean, rstd,
                                              x_dtype, delta_dtype)
@@ -154,6 +160,7 @@ def _backward(ctx, grad_res, grad_normed, _grad_mean, _grad_rstd):
 
 
 _add_layer_norm_op.register_autograd(_backward, setup_context=_setup)
+refuse_double_backward("add_layer_norm_backward", "mae_fast.ops.add_layer_norm")
 
 
 class _AddLayerNormEager(torch.autograd.Function):
@@ -172,7 +179,9 @@ class _AddLayerNormEager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_res, grad_normed, _grad_mean, _grad_rstd):
-        return _grads(ctx, grad_res, grad_normed, _backward_impl)
+        # with create_graph (grad enabled) through the op, whose autograd refuses a second backward
+        backward = torch.ops.mae_fast.add_layer_norm_backward if torch.is_grad_enabled() else _backward_impl
+        return _grads(ctx, grad_res, grad_normed, backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -199,7 +208,7 @@ def _check_args(x, delta, weight, bias, eps, out_dtype) -> None:
     if not 0 < eps < float("inf"):
         raise ValueError(f"eps must be a finite float > 0, got {eps}")
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"out_dtype must be None or one of float32, float16, bfloat16, float64, got {out_dtype!r}")
+        raise TypeError(f"out_dtype must be None or one of {FLOAT_NAMES}, got {out_dtype!r}")
 
 
 def add_layer_norm(x: Tensor, delta: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,
@@ -216,10 +225,14 @@ def add_layer_norm(x: Tensor, delta: Tensor, weight: Tensor, bias: Optional[Tens
     Inputs are read in place when their last dim is contiguous and the leading dims flatten to
     one row stride (slices along the leading dims included); otherwise they are copied first.
     Both results are new contiguous tensors. Differentiable in x, delta, weight and bias (either
-    output may be unused); grad_weight / grad_bias are reduced deterministically (no atomics).
+    output may be unused); grad_weight / grad_bias are reduced deterministically (no atomics). A
+    gradient of a gradient (double backward) is not supported: NotImplementedError. normed is finite
+    for any finite residual, where F.layer_norm's fp32 variance overflows (values past ~2**64) and
+    gives NaN.
     """
     _check_args(x, delta, weight, bias, eps, out_dtype)
-    eager = not torch.compiler.is_compiling() and _kernels(x, torch.promote_types(x.dtype, delta.dtype)) is not None
+    res_dtype = torch.promote_types(x.dtype, delta.dtype)
+    eager = not torch.compiler.is_compiling() and _kernels_for(x, res_dtype, delta, out_dtype) is not None
     op = _AddLayerNormEager.apply if eager else torch.ops.mae_fast.add_layer_norm
     res, normed, _, _ = op(x, delta, weight, bias, float(eps), out_dtype)
     return res, normed

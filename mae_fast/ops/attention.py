@@ -12,8 +12,8 @@ Ops (torch.library custom ops with fake implementations):
   mae_fast::attention_backward(grad_out, qkv, out, lse, heads) -> grad_qkv
 lse (B * heads, N) fp32 (fp64 on the float64 path) is the rows' log2-sum-exp of the scaled scores,
 saved for the backward. Dispatch as every Triton op (mae_fast/ops/_common.py): Triton on CUDA, Triton
-interpreted on CPU with TRITON_INTERPRET=1, a PyTorch fallback otherwise, always for float64 and
-head dims above kernels.attention.MAX_HEAD_DIM.
+interpreted on CPU with TRITON_INTERPRET on, a PyTorch fallback otherwise, always for float64 and
+head dims above kernels.attention.MAX_HEAD_DIM, and on CPU for bfloat16.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import check_float, compute_dtype, int_arg, triton_kernels
+from ._common import check_float, compute_dtype, int_arg, refuse_double_backward, triton_kernels
 
 
 def _kernels(qkv: Tensor, heads: int):
@@ -120,6 +120,7 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup)
+refuse_double_backward("attention_backward", "mae_fast.ops.attention")
 
 
 class _AttentionEager(torch.autograd.Function):
@@ -135,7 +136,9 @@ class _AttentionEager(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
         qkv, out, lse = ctx.saved_tensors
-        return _backward_impl(grad_out, qkv, out, lse, ctx.heads), None
+        # with create_graph (grad enabled) through the op, whose autograd refuses a second backward
+        backward = torch.ops.mae_fast.attention_backward if torch.is_grad_enabled() else _backward_impl
+        return backward(grad_out, qkv, out, lse, ctx.heads), None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -148,6 +151,7 @@ def attention(qkv: Tensor, num_heads: int) -> Tensor:
     to F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1). Differentiable in
     qkv; the gradient is deterministic (no atomics). Softmax statistics and accumulation are fp32,
     the probabilities are rounded to qkv's dtype before the value product, as in FlashAttention.
+    A gradient of the gradient (double backward) is not supported: NotImplementedError.
     """
     check_float(qkv, "qkv")
     heads = int_arg(num_heads, "num_heads")

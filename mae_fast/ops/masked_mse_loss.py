@@ -7,8 +7,8 @@ Ops (torch.library custom ops with fake implementations):
 
 denom is the fp32 normaliser (P * mask.sum() or B * M * P), returned so the backward needs no
 second reduction. Dispatch as every Triton op (mae_fast/ops/_common.py): Triton on CUDA, Triton
-interpreted on CPU with TRITON_INTERPRET=1, a vectorised PyTorch fallback otherwise (and always for
-float64).
+interpreted on CPU with TRITON_INTERPRET on, a vectorised PyTorch fallback otherwise (and always for
+float64, and on CPU for bfloat16).
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import (check_device, check_ids, check_ids_values, check_imgs, check_norm_pix, check_tensor,
-                      compute_dtype, gather_rows, triton_kernels)
+from ._common import (FLOAT_DTYPES, FLOAT_NAMES, check_device, check_floating_point, check_ids, check_ids_values,
+                      check_imgs, check_norm_pix, check_tensor, compute_dtype, gather_rows, refuse_double_backward,
+                      triton_kernels)
 from .patchify import norm_pix_torch, patchify_torch
 
 
@@ -58,7 +59,7 @@ def masked_mse_loss_torch(pred, imgs, mask, ids, ph, pw, norm_pix):
     if mask is not None:
         w = mask.to(cd)
         denom = w.sum() * P
-        total = (se * w).sum()
+        total = torch.where(w != 0, se * w, 0).sum()  # kept rows are not read: 0, even where se is NaN
     else:
         denom = se.new_full((), float(se.numel() * P))  # a fill kernel: torch.tensor would copy from the host
         total = se.sum()
@@ -69,9 +70,10 @@ def masked_mse_loss_backward_torch(grad, pred, imgs, mask, ids, denom, ph, pw, n
     cd = compute_dtype(torch.promote_types(pred.dtype, imgs.dtype))
     d = pred.to(cd) - _targets_torch(imgs, mask, ids, ph, pw, norm_pix, cd)
     coef = 2 * grad.to(cd) / denom.to(cd)
-    if mask is not None:
-        coef = coef * mask.to(cd).unsqueeze(-1)
-    return (coef * d).to(pred.dtype).contiguous()
+    if mask is None:
+        return (coef * d).to(pred.dtype).contiguous()
+    w = mask.to(cd).unsqueeze(-1)
+    return torch.where(w != 0, coef * w * d, 0).to(pred.dtype).contiguous()  # kept rows are not read: 0
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -83,9 +85,10 @@ def _masked_mse_loss_op(pred: Tensor, imgs: Tensor, mask: Optional[Tensor], ids:
         _check_mask_values(mask, validate)
     else:
         check_ids_values(ids, (imgs.shape[2] // ph) * (imgs.shape[3] // pw), validate)
-    k = triton_kernels("masked_mse_loss", pred)
+    loss_dtype = _loss_dtype(pred, imgs, mask)
+    k = triton_kernels("masked_mse_loss", pred, imgs, mask, loss_dtype)
     if k is not None and imgs.dtype != torch.float64:
-        return k.masked_mse_loss_fwd(pred, imgs, mask, ids, ph, pw, norm_pix, _loss_dtype(pred, imgs, mask))
+        return k.masked_mse_loss_fwd(pred, imgs, mask, ids, ph, pw, norm_pix, loss_dtype)
     return masked_mse_loss_torch(pred, imgs, mask, ids, ph, pw, norm_pix)
 
 
@@ -99,7 +102,7 @@ def _(pred, imgs, mask, ids, ph, pw, norm_pix, validate):
 def _masked_mse_loss_backward_op(grad: Tensor, pred: Tensor, imgs: Tensor, mask: Optional[Tensor],
                                  ids: Optional[Tensor], denom: Tensor, ph: int, pw: int,
                                  norm_pix: bool) -> Tensor:
-    k = triton_kernels("masked_mse_loss", pred)
+    k = triton_kernels("masked_mse_loss", pred, imgs, mask, grad)
     if k is not None and imgs.dtype != torch.float64:
         return k.masked_mse_loss_bwd(grad, denom, pred, imgs, mask, ids, ph, pw, norm_pix)
     return masked_mse_loss_backward_torch(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix)
@@ -108,6 +111,9 @@ def _masked_mse_loss_backward_op(grad: Tensor, pred: Tensor, imgs: Tensor, mask:
 @_masked_mse_loss_backward_op.register_fake
 def _(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix):
     return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+
+
+refuse_double_backward("masked_mse_loss_backward", "mae_fast.ops.masked_mse_loss")
 
 
 def _setup(ctx, inputs, output):
@@ -138,9 +144,7 @@ def _check_args(pred, imgs, patch_size, mask, ids, norm_pix):
     ph, pw = check_imgs(imgs, patch_size)
     B, C, H, W = imgs.shape
     L, P = (H // ph) * (W // pw), ph * pw * C
-    check_tensor(pred, "pred")
-    if not pred.is_floating_point():
-        raise TypeError(f"pred must be a floating-point tensor, got {pred.dtype}")
+    check_floating_point(pred, "pred")
     if pred.dim() != 3:
         raise ValueError(f"pred must be 3-D (B, rows, P), got shape {tuple(pred.shape)}")
     if pred.shape[2] != P:
@@ -154,8 +158,8 @@ def _check_args(pred, imgs, patch_size, mask, ids, norm_pix):
                          + ("both" if mask is not None else "neither"))
     if mask is not None:
         check_tensor(mask, "mask")
-        if not (mask.is_floating_point() or mask.dtype == torch.bool):
-            raise TypeError(f"mask must be a float (or bool) tensor, 1 = removed, got {mask.dtype}")
+        if mask.dtype not in (*FLOAT_DTYPES, torch.bool):
+            raise TypeError(f"mask must be a float ({FLOAT_NAMES}) or bool tensor, 1 = removed, got {mask.dtype}")
         if tuple(mask.shape) != (B, L):
             raise ValueError(f"mask must have shape (B={B}, L={L}), got {tuple(mask.shape)}")
         check_device(mask, "mask", imgs, "imgs")
@@ -181,18 +185,23 @@ def masked_mse_loss(pred: Tensor, imgs: Tensor, patch_size, *, mask: Optional[Te
       ids (B, M) int32/int64 removed patch indices, with pred (B, M, P): the vit-pytorch loss
           F.mse_loss(pred, target rows ids)
     where P = ph*pw*C, t = patchify(imgs) ((p, q, c) order), and with norm_pix each target row is
-    (t - mean) / sqrt(var + 1e-6), unbiased var (norm_pix_loss). No (B, L, P) target tensor is
+    (t - mean) / sqrt(var + 1e-6), unbiased var (norm_pix_loss), finite for any finite patch
+    however large (where the reference's fp32 variance overflows). No (B, L, P) target tensor is
     made; arithmetic is fp32; the reduction is deterministic (no float atomics) and syncs nothing.
     The result has the dtype the eager reference gives (pred, imgs and mask dtypes promoted).
 
     Backward: the pred gradient in one fused pass that recomputes the targets (and, if imgs
     requires grad, the image gradient). mask is a constant (no gradient); ids as in patchify_gather.
+    A gradient of the gradient (double backward) is not supported: NotImplementedError.
 
     Value checks (CPU inputs: always; CUDA: only with validate=True, which syncs the host): ids in
     [0, L) and distinct per row; mask finite, non-negative and not all zero. An all-zero mask on
     CUDA without validate gives nan (0 / 0), like the reference; out-of-range ids give nan.
-    Rows with mask 0 are not read, so non-finite pred values there do not reach the loss (the
-    reference would propagate a NaN through 0 * NaN).
+    Kept rows (mask 0) are never read, by the kernels and the fallback alike: non-finite pred or
+    image values there reach neither the loss nor pred's gradient, which is 0 on them (the
+    reference would propagate a NaN through 0 * NaN). With ids, patches not in ids are not read
+    either. (imgs' own gradient, where asked for with mask and norm_pix, is non-finite on a
+    non-finite patch, kept or not: every patch's normalisation is differentiated.)
     """
     ph, pw, mask = _check_args(pred, imgs, patch_size, mask, ids, norm_pix)
     loss, _ = torch.ops.mae_fast.masked_mse_loss(pred, imgs, mask, ids, ph, pw, bool(norm_pix), bool(validate))

@@ -8,7 +8,8 @@ Ops (torch.library custom ops, each with a fake implementation; the first three 
 with P = ph * pw * C, L = (H / ph) * (W / pw), features in (p, q, c) order (docs/design.md).
 
 Dispatch (mae_fast/ops/_common.py): the Triton kernels of mae_fast.kernels.patchify on CUDA, and on
-CPU under TRITON_INTERPRET=1; a vectorised PyTorch fallback otherwise and always for float64.
+CPU under TRITON_INTERPRET (but not for bfloat16); a vectorised PyTorch fallback otherwise and always
+for float64.
 
 Validation: shapes, dtypes and devices are checked in the public functions (no tensor values, so
 torch.compile traces them without graph breaks). Index ranges are value checks: on CPU they always
@@ -23,8 +24,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import (NORM_PIX_EPS, check_ids, check_ids_values, check_imgs, check_norm_pix, check_tensor,
-                      compute_dtype, gather_rows, pair_arg, triton_kernels)
+from ._common import (NORM_PIX_EPS, check_floating_point, check_ids, check_ids_values, check_imgs, check_norm_pix,
+                      compute_dtype, gather_rows, normalize_rows, pair_arg, refuse_double_backward, triton_kernels)
 
 
 # ----------------------------------------------------------------------------- PyTorch fallback
@@ -51,18 +52,16 @@ def unpatchify_into(x: Tensor, ph: int, pw: int, out: Tensor) -> Tensor:
 
 
 def norm_pix_torch(x: Tensor, eps: float = NORM_PIX_EPS) -> Tensor:
-    """(x - mean) / sqrt(var + eps), unbiased var over the last dim (two-pass, as the kernels)."""
-    d = x - x.mean(dim=-1, keepdim=True)
-    return d * ((d * d).sum(dim=-1, keepdim=True) / (x.shape[-1] - 1) + eps).rsqrt()
+    """(x - mean) / sqrt(var + eps), unbiased var over the last dim (the kernels' steps, finite for
+    any finite row: _common.normalize_rows)."""
+    return normalize_rows(x, 1, eps)[0]
 
 
 def norm_pix_backward_torch(g: Tensor, x: Tensor, eps: float = NORM_PIX_EPS) -> Tensor:
     """Gradient w.r.t. x of y = (x - mean) / sqrt(var + eps), var unbiased over the last dim:
     dx = rstd * (g - mean(g) - y * sum(g * y) / (P - 1))."""
     P = x.shape[-1]
-    d = x - x.mean(dim=-1, keepdim=True)
-    rstd = ((d * d).sum(dim=-1, keepdim=True) / (P - 1) + eps).rsqrt()
-    y = d * rstd
+    y, _, rstd = normalize_rows(x, 1, eps)
     return rstd * (g - g.mean(dim=-1, keepdim=True) - y * (g * y).sum(dim=-1, keepdim=True) / (P - 1))
 
 
@@ -191,7 +190,7 @@ def _patchify_gather_backward_op(grad: Tensor, imgs: Tensor, ids: Optional[Tenso
                                  norm_pix: bool) -> Tensor:
     """Image gradient of patchify_gather (ids given, rows (B, K, P)) or of patchify + norm-pix
     (ids None, rows (B, L, P)). Requires ids distinct within a row (Triton path)."""
-    k = triton_kernels("patchify", imgs)
+    k = triton_kernels("patchify", imgs, grad)
     if k is not None:
         L = (imgs.shape[2] // ph) * (imgs.shape[3] // pw)
         inv = None if ids is None else inverse_ids(ids, L)
@@ -202,6 +201,10 @@ def _patchify_gather_backward_op(grad: Tensor, imgs: Tensor, ids: Optional[Tenso
 @_patchify_gather_backward_op.register_fake
 def _(grad, imgs, ids, ph, pw, norm_pix):
     return torch.empty_like(imgs)
+
+
+refuse_double_backward("patchify_gather_backward", "mae_fast.ops.patchify_gather (and of masked_mse_loss "
+                       "with respect to imgs)")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -219,9 +222,7 @@ def unpatchify(x: Tensor, patch_size, image_size) -> Tensor:
     Differentiable (its backward is patchify). The result is contiguous."""
     ph, pw = pair_arg(patch_size, "patch_size")
     H, W = pair_arg(image_size, "image_size")
-    check_tensor(x, "x")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    check_floating_point(x, "x")
     if H % ph or W % pw:
         raise ValueError(f"image_size {(H, W)} must be multiples of patch_size {(ph, pw)}")
     L = (H // ph) * (W // pw)
@@ -239,12 +240,14 @@ def patchify_gather(imgs: Tensor, ids: Tensor, patch_size, *, norm_pix: bool = F
     norm_pix_loss target). The image is read once, in its own strides (channels_last, sliced,
     ... inputs are not copied); arithmetic in fp32; the result has imgs.dtype.
 
-    ids: (B, K) int32/int64 with 1 <= K <= L, values in [0, L), DISTINCT within a row (a subset
-    of a permutation, as in every MAE; the backward relies on it). CPU ids are checked eagerly;
+    ids: (B, K) int32/int64 with 1 <= K <= L (an empty selection, K = 0, is refused, as by
+    gather_tokens and unshuffle_tokens), values in [0, L), DISTINCT within a row (a subset of a
+    permutation, as in every MAE; the backward relies on it). CPU ids are checked eagerly;
     CUDA ids only with validate=True (a host sync). Unvalidated out-of-range ids on CUDA give NaN
     rows, never stray memory accesses; unvalidated repeated ids on CUDA give a correct forward but
     a backward that keeps the gradient of only one of the repeats. Backward gives the image
-    gradient (row gradients scattered back, through norm-pix).
+    gradient (row gradients scattered back, through norm-pix); a gradient of that gradient is not
+    supported (NotImplementedError). Norm-pix rows are finite for any finite patch, however large.
     """
     ph, pw = check_imgs(imgs, patch_size)
     L = (imgs.shape[2] // ph) * (imgs.shape[3] // pw)

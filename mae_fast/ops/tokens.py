@@ -217,14 +217,17 @@ def _check_index(ids, name, B, K, K_name):
     if ids.dim() != 2 or ids.shape[0] != B or (K is not None and ids.shape[1] != K):
         want = f"({B}, {K})" if K is not None else f"({B}, K)"
         raise ValueError(f"{name} must have shape {want}{K_name}, got {tuple(ids.shape)}")
+    if ids.shape[1] == 0:  # an empty selection: refused, as patchify_gather refuses it
+        raise ValueError(f"{name} must select at least one row (K >= 1), got shape {tuple(ids.shape)}")
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor, *, validate: bool = False) -> torch.Tensor:
     """Rows ids of every sequence: out[b, k] = x[b, ids[b, k]], shape (B, K, D).
 
-    ids: (B, K) int32 or int64, in [0, L) and unique per row. Differentiable in x (the backward
-    scatters into a fresh zero (B, L, D) in one pass). validate=True checks ids on the host first
-    (a synchronisation on CUDA; CPU always checks).
+    ids: (B, K) int32 or int64 with K >= 1 (an empty selection is refused, as by patchify_gather),
+    in [0, L) and unique per row. Differentiable in x (the backward scatters into a fresh zero
+    (B, L, D) in one pass). validate=True checks ids on the host first (a synchronisation on CUDA;
+    CPU always checks).
     """
     check_float(x, "x")
     if x.dim() != 3:
@@ -244,6 +247,9 @@ def _check_unshuffle_args(visible, ids_keep, num_patches, mask_token, pos, num_p
     if not 0 <= P <= T:
         raise ValueError(f"num_prefix must be in [0, visible.shape[1] = {T}], got {P}")
     K = T - P
+    if K == 0:
+        raise ValueError(f"visible must hold at least one token after its num_prefix = {P} rows (K >= 1), "
+                         f"got shape {tuple(visible.shape)}")
     _check_index(ids_keep, "ids_keep", B, K, f" (K = visible.shape[1] - num_prefix = {T} - {P})")
     check_device(ids_keep, "ids_keep", visible, "visible")
     N = int_arg(num_patches, "num_patches")
@@ -267,7 +273,8 @@ def unshuffle_tokens(visible: torch.Tensor, ids_keep: torch.Tensor, num_patches:
                      pos: torch.Tensor | None = None, *, num_prefix: int = 0, validate: bool = False) -> torch.Tensor:
     """The decoder input: visible tokens back in their slots, mask_token elsewhere, plus pos.
 
-    visible (B, num_prefix + K, D): its first num_prefix rows (the cls token) pass through.
+    visible (B, num_prefix + K, D) with K >= 1 (no visible token is refused, as an empty selection
+    is by gather_tokens and patchify_gather): its first num_prefix rows (the cls token) pass through.
     ids_keep (B, K) int32/int64: slot of each visible token, in [0, num_patches), unique per row.
     mask_token: (D,), (1, D) or (1, 1, D); pos: None, (num_prefix + num_patches, D) or
     (1, num_prefix + num_patches, D), added to every row. mask_token and pos may have another float

@@ -7,7 +7,8 @@ kernel's backward even where one key block holds the sequence), and 'torch' (the
 fallback, TRITON_INTERPRET=0). fp32 is held to rtol 1e-5 against float64; fp16 to
 flash-attention's own rule, max |out - ref64| <= 2 max |SDPA in fp16 - ref64| + atol (over the whole tensor: attention outputs
 pass near 0 where an elementwise bound would hinge on torch's rounding there). bf16 arithmetic is
-wrong under the interpreter (docs/design.md): bf16 is tested on the GPU.
+wrong under the interpreter (docs/design.md), so CPU bf16 takes the fallback on either path
+(test_bf16_on_cpu_takes_the_fallback); the bf16 kernels are tested on the GPU.
 """
 import importlib
 import os
@@ -99,6 +100,28 @@ def test_fp16_two_x_rule(path, shape):
     out64, g64 = fwd_bwd(sdpa, qkv, H, grad, torch.float64)
     assert_2x_max_rule(out, out64, low, 1e-4)
     assert_2x_max_rule(g, g64, glow, 1e-4)
+
+
+def test_bf16_on_cpu_takes_the_fallback(path):
+    """The interpreter computes bf16 tl.dot wrongly (outputs near 8e8 for a true 2): CPU bf16 runs the
+    fallback, held to flash-attention's rule against SDPA in bf16."""
+    B, N, H, d = 2, 37, 2, 16
+    qkv, grad = torch.randn(B, N, 3 * H * d).bfloat16(), torch.randn(B, N, H * d).bfloat16()
+    assert A._kernels(qkv, H) is None
+    out, g = fwd_bwd(mae_fast.ops.attention, qkv, H, grad)
+    low, glow = fwd_bwd(sdpa, qkv, H, grad)
+    out64, g64 = fwd_bwd(sdpa, qkv, H, grad, torch.float64)
+    assert_2x_max_rule(out, out64, low, 1e-3)
+    assert_2x_max_rule(g, g64, glow, 1e-3)
+
+
+def test_double_backward_is_refused(path):
+    """A gradient of the gradient names the op, on the kernel path (_AttentionEager, whose kernels
+    would otherwise leave it silently disconnected) and the custom op's alike."""
+    qkv = torch.randn(2, 5, 3 * 2 * 8, requires_grad=True)
+    (g,) = torch.autograd.grad(mae_fast.ops.attention(qkv, 2).square().sum(), qkv, create_graph=True)
+    with pytest.raises(NotImplementedError, match=r"double backward of mae_fast.ops.attention is not supported"):
+        g.sum().backward()
 
 
 def test_head_dim_past_the_kernels_takes_the_fallback():

@@ -310,8 +310,9 @@ def test_masked_mse_loss_with_ids(spec, layout, dtype, path, seed, ids_dtype, ra
 @given(B=st.integers(1, 3), L=st.integers(1, 13), D=st.integers(1, 24), keep=st.floats(0, 1), layout=layouts,
        dtype=float_dtypes, ids_dtype=index_dtypes, seed=seeds, low_level=st.sampled_from(["public", "fallback"]))
 def test_gather_tokens(B, L, D, keep, layout, dtype, ids_dtype, seed, low_level):
-    """gather_tokens (the compiled CPU kernel) and its PyTorch fallback: exact, forward and backward."""
-    K = min(L, max(0, round(keep * L)))
+    """gather_tokens (the compiled CPU kernel) and its PyTorch fallback: exact, forward and backward.
+    K = 0 reaches the low-level ops only: the public function refuses an empty selection."""
+    K = min(L, max(int(low_level == "public"), round(keep * L)))
     gen = torch.Generator().manual_seed(seed)
     x = make_rows(gen, B, L, D, layout, dtype).requires_grad_()
     ids = make_ids(gen, B, L, K, ids_dtype)
@@ -339,7 +340,7 @@ def test_gather_tokens(B, L, D, keep, layout, dtype, ids_dtype, seed, low_level)
        low_level=st.sampled_from(["public", "fallback"]))
 def test_unshuffle_tokens(B, N, D, keep, num_prefix, pos_mode, mask_shape, layout, dtype, param_dtype, ids_dtype,
                           seed, low_level):
-    K = min(N, max(0, round(keep * N)))
+    K = min(N, max(int(low_level == "public"), round(keep * N)))  # the public function refuses K = 0
     gen = torch.Generator().manual_seed(seed)
     pdt = dtype if param_dtype == "same" else torch.float32
     vis = make_rows(gen, B, num_prefix + K, D, layout, dtype).requires_grad_()

@@ -16,7 +16,9 @@ import mae_fast
 from mae_fast.testing import reference as R
 
 P_ops = importlib.import_module("mae_fast.ops._common")
-from _triton_ops import INTERPRET, LAYOUTS, SHAPES, make_imgs, pair, poison  # noqa: F401 (poison: autouse)
+from _triton_ops import INTERPRET, LAYOUTS, SHAPES, make_imgs, pair
+
+pytestmark = pytest.mark.usefixtures("poison")  # tests/ops/conftest.py
 
 
 def make_pred(B, R_, P, layout, dtype=torch.float32, device="cpu"):
@@ -202,6 +204,78 @@ def test_gradcheck_float64(norm_pix):
     pred_m = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda p, x: mae_fast.ops.masked_mse_loss(p, x, 2, ids=ids, norm_pix=norm_pix), (pred_m, imgs))
+
+
+# ----------------------------------------------------------------------------- edge values, on both paths
+
+def mode_arg_with_patch0(mode, B, L):
+    """A mask or removed ids (half of the patches) that always hold patch 0."""
+    if mode == "mask":
+        return {"mask": make_mask(B, L, 0.5)}
+    order = torch.rand(B, L)
+    order[:, 0] = -1.0
+    return {"ids": order.argsort(dim=-1)[:, :L // 2]}
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e37])
+@pytest.mark.parametrize("mode", ["mask", "ids"])
+def test_norm_pix_of_huge_images_matches_float64(path, mode, scale):
+    """Patches whose squares overflow fp32 (the reference's fp32 variance is inf there, its targets
+    0 and its loss wrong): the loss and pred's gradient match float64, and so does imgs' gradient
+    while it stays above fp32's normal range. Patch 0 of image 0 is constant (2**100, an exact mean):
+    its target is 0."""
+    shape = (2, 3, 8, 12, 4)
+    B, L, P = dims(shape)
+    imgs = make_imgs(*shape[:4]) * scale
+    imgs[0, :, :4, :4] = 2.0 ** 100
+    arg = mode_arg_with_patch0(mode, B, L)
+    pred = torch.randn(B, L if mode == "mask" else arg["ids"].shape[1], P)
+    imgs_grad = scale < 1e35
+    (loss, gp, gx), (ref, gp64, gx64) = run(pred, imgs, 4, arg, True, imgs_grad=imgs_grad)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(gp.double(), gp64, rtol=1e-5, atol=1e-7)
+    if imgs_grad:
+        assert torch.isfinite(gx).all()
+        torch.testing.assert_close(gx.double(), gx64, rtol=1e-4, atol=1e-5 * gx64.abs().max().item())
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_non_finite_values_in_kept_rows_are_not_read(path, norm_pix):
+    """Kept rows (mask 0) are not read by the kernels, nor by the fallback: NaN / inf in their pred
+    rows and image patches change neither the loss nor pred's gradient (0 on kept rows); with ids, a
+    NaN patch outside ids is not read either."""
+    B, L, P = dims((2, 3, 8, 12, 4))
+    imgs, pred = make_imgs(2, 3, 8, 12), torch.randn(B, L, P)
+    mask = torch.tensor([[1.0, 0, 1, 0, 0, 1], [0, 1, 1, 1, 0, 0]])
+    bad_pred, bad_imgs = pred.clone(), imgs.clone()
+    bad_pred[0, 1], bad_pred[1, 4, :3] = math.nan, math.inf  # kept rows
+    bad_imgs[0, :, :4, 4:8], bad_imgs[1, 0, 4:, 8:] = math.nan, -math.inf  # kept patches 1 and 5
+    clean_loss, clean_grad = _loss_and_grad(pred, imgs, mask=mask, norm_pix=norm_pix)
+    loss, grad = _loss_and_grad(bad_pred, bad_imgs, mask=mask, norm_pix=norm_pix)
+    assert torch.isfinite(loss) and torch.equal(loss, clean_loss)
+    assert torch.equal(grad, clean_grad) and not grad[mask == 0].any()
+    ids = torch.tensor([[0, 2], [1, 2]])  # not patch 1 (image 0) nor 5 (image 1)
+    clean_loss, clean_grad = _loss_and_grad(pred[:, :2], imgs, ids=ids, norm_pix=norm_pix)
+    loss, grad = _loss_and_grad(pred[:, :2], bad_imgs, ids=ids, norm_pix=norm_pix)
+    assert torch.equal(loss, clean_loss) and torch.equal(grad, clean_grad)
+
+
+def _loss_and_grad(pred, imgs, **kw):
+    p = pred.clone().requires_grad_()
+    loss = mae_fast.ops.masked_mse_loss(p, imgs, 4, **kw)
+    loss.backward()
+    return loss.detach(), p.grad
+
+
+@pytest.mark.parametrize("wrt", ["pred", "imgs"])
+def test_double_backward_is_refused(path, wrt):
+    """A gradient of the gradient names the op (imgs': through patchify_gather's backward) rather
+    than an internal backward op."""
+    pred, imgs = torch.randn(2, 6, 48, requires_grad=True), make_imgs(2, 3, 8, 12).requires_grad_()
+    loss = mae_fast.ops.masked_mse_loss(pred, imgs, 4, mask=make_mask(2, 6, 0.5), norm_pix=True)
+    (g,) = torch.autograd.grad(loss, pred if wrt == "pred" else imgs, create_graph=True)
+    with pytest.raises(NotImplementedError, match=r"double backward of mae_fast\.ops\..*masked_mse_loss.* is not supported"):
+        g.sum().backward()
 
 
 # ----------------------------------------------------------------------------- torch.library / compile / determinism

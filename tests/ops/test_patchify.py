@@ -3,7 +3,7 @@
 On a CPU machine the conftest sets TRITON_INTERPRET=1, so CPU tensors run the very Triton kernels
 of mae_fast.kernels.patchify (interpreted); the PyTorch fallback is tested with the interpreter
 switched off, and float64 (gradcheck) always takes the fallback. Every buffer the kernels write
-is NaN-poisoned first (see the autouse fixture), so an element left unwritten fails.
+is NaN-poisoned first (the poison fixture), so an element left unwritten fails.
 """
 import importlib
 
@@ -15,7 +15,9 @@ from mae_fast.testing import reference as R
 
 P_ops = importlib.import_module("mae_fast.ops._common")
 
-from _triton_ops import INTERPRET, LAYOUTS, SHAPES, make_imgs, pair, poison  # noqa: F401 (poison: autouse)
+from _triton_ops import INTERPRET, LAYOUTS, SHAPES, make_imgs, pair
+
+pytestmark = pytest.mark.usefixtures("poison")  # tests/ops/conftest.py
 
 
 def num_patches(H, W, patch):
@@ -142,6 +144,40 @@ def test_patchify_gather_fp16_two_x_rule(layout, norm_pix):
     low.backward(g)
     assert imgs.grad.dtype == torch.float16
     assert_2x_rule(imgs.grad, x64.grad, x16.grad, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- edge values, on both paths
+
+@pytest.mark.parametrize("scale", [1e30, 1e37])
+def test_norm_pix_of_huge_patches_matches_float64(path, scale):
+    """Patches whose squares overflow fp32 (the reference's fp32 variance is inf there: all-zero
+    rows) normalise as in float64, forward and backward; a constant patch (2**100, an exact mean)
+    gives a zero row and the gradient of rstd = 1 / sqrt(eps)."""
+    B, C, H, W, patch = 2, 3, 8, 12, 4
+    imgs = make_imgs(B, C, H, W) * scale
+    imgs[1, :, 4:, :4] = 2.0 ** 100  # patch 3 of image 1
+    ids = torch.tensor([[0, 4, 2], [3, 1, 5]])
+    assert not R.patchify_gather(imgs, ids, patch, norm_pix_target=True)[0].any()
+    x, x64 = imgs.clone().requires_grad_(), imgs.double().requires_grad_()
+    out = mae_fast.ops.patchify_gather(x, ids, patch, norm_pix=True)
+    ref = R.patchify_gather(x64, ids, patch, norm_pix_target=True)
+    assert_fp32_close(out, ref.detach())
+    assert not out[1, 0].any()
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g.double())
+    gx, gx64 = x.grad[1, :, 4:, :4], x64.grad[1, :, 4:, :4]  # the constant patch: O(1 / sqrt(eps))
+    assert_fp32_close(gx, gx64, atol=1e-3)
+    if scale < 1e35:  # the others are O(1 / scale): fp32 normal numbers while scale < ~1e35
+        assert_fp32_close(x.grad[0] * scale, x64.grad[0] * scale)
+
+
+def test_double_backward_is_refused(path):
+    x = make_imgs(2, 3, 8, 12).requires_grad_()
+    out = mae_fast.ops.patchify_gather(x, torch.tensor([[0, 4], [3, 1]]), 4, norm_pix=True)
+    (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match=r"double backward of mae_fast.ops.patchify_gather .*is not supported"):
+        g.sum().backward()
 
 
 # ----------------------------------------------------------------------------- fallback (no Triton)

@@ -366,7 +366,7 @@ def test_bad_shapes_and_dtypes():
         (lambda: ops.gather_tokens(x[0], ids), ValueError, "x must have shape"),
         (lambda: ops.gather_tokens(x, ids.float()), TypeError, "ids must be int32 or int64"),
         (lambda: ops.gather_tokens(x, ids[:1]), ValueError, r"ids must have shape \(2, K\)"),
-        (lambda: ops.gather_tokens(x, ids.to("meta")), ValueError, "ids is on meta"),
+        (lambda: ops.gather_tokens(x, ids.to("meta")), ValueError, "ids must be on cpu like x, got meta"),
         (lambda: ops.gather_tokens(x.numpy(), ids), TypeError, "x must be a torch.Tensor"),
         (lambda: ops.unshuffle_tokens(vis.int(), ids, L, m, num_prefix=P), TypeError, "visible must be float"),
         (lambda: ops.unshuffle_tokens(vis[0], ids, L, m, num_prefix=P), ValueError, "visible must have shape"),
@@ -383,7 +383,7 @@ def test_bad_shapes_and_dtypes():
         (lambda: ops.unshuffle_tokens(vis, ids, L, m, torch.randn(L, D), num_prefix=P), ValueError,
          r"pos must have shape \(num_prefix \+ num_patches, D\) = \(11, 8\)"),
         (lambda: ops.unshuffle_tokens(vis, ids, L, m, torch.randn(2, P + L, D), num_prefix=P), ValueError, "pos must"),
-        (lambda: ops.unshuffle_tokens(vis, ids, L, m.to("meta"), num_prefix=P), ValueError, "mask_token is on meta"),
+        (lambda: ops.unshuffle_tokens(vis, ids, L, m.to("meta"), num_prefix=P), ValueError, "mask_token must be on cpu like visible, got meta"),
     ]
     for fn, err, msg in cases:
         with pytest.raises(err, match=msg):

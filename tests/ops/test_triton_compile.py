@@ -186,7 +186,7 @@ def _record_and_compile(archs, tmp: Path) -> dict:
                 setattr(mod, attr, Recorder(fn, log))
     for name, m in list(sys.modules.items()):  # route CPU tensors to the (recording) kernels
         if name.startswith("mae_fast.ops.") and hasattr(m, "triton_kernels"):
-            m.triton_kernels = lambda kname, t: None if t.dtype == torch.float64 else mods[kname]
+            m.triton_kernels = lambda kname, t, *also: None if t.dtype == torch.float64 else mods[kname]
     _workload(CONFIGS[:1])
     _norm_workload([768])
     _attention_workload(ATTN_VIT_B)
