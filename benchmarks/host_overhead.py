@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import steps as S  # noqa: E402
-from mae_fast.models import blocks as layers  # noqa: E402
+from mae_fast.models import blocks  # noqa: E402
 
 CASE = S.official_case("host-vit_l-depth", 2, 64, 16, 64, 24, 2, 32, 8, 2)
 
@@ -67,21 +67,21 @@ def _no_op_attention():
 
 
 def _fused_path(via_dispatcher: bool = False, attention: bool = False, add_norm: bool = True):
-    """layers and the op take the kernel path, with no-op kernels; via_dispatcher: through the
+    """The blocks and the op take the kernel path, with no-op kernels; via_dispatcher: through the
     torch.library custom op instead of _AddLayerNormEager (what the dispatch costs); attention: the
     blocks' attention too (mae_fast.ops.attention, for the mae_fast_triton_attn provider);
     add_norm=False: the attention only."""
     k = _no_op_kernels()
     aln = sys.modules["mae_fast.ops.add_layer_norm"]
-    patches = [mock.patch.object(layers, "triton_kernels", lambda name, t: k),
-               mock.patch.object(aln, "_kernels", lambda t, res_dtype: k)] if add_norm else []
+    patches = [mock.patch.object(blocks, "triton_kernels", lambda name, t: k),
+               mock.patch.object(aln, "_kernels", lambda t, res_dtype, *also: k)] if add_norm else []
     if via_dispatcher:
         op = types.SimpleNamespace(apply=torch.ops.mae_fast.add_layer_norm)
         patches.append(mock.patch.object(aln, "_AddLayerNormEager", op))
     if attention:
         ka = _no_op_attention()
-        patches += [mock.patch.object(layers, "_attention_kernels", lambda qkv, heads: ka),
-                    mock.patch.object(sys.modules["mae_fast.ops.attention"], "_kernels", lambda qkv, heads: ka)]
+        patches += [mock.patch.object(blocks, "_attention_kernels", lambda qkv, heads: ka),
+                    mock.patch.object(sys.modules["mae_fast.ops.attention"], "kernels_for", lambda qkv, heads: ka)]
     return patches
 
 

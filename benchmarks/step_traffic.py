@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mae_fast.models import blocks as layers  # noqa: E402
+from mae_fast.models import blocks  # noqa: E402
 from mae_fast.models.presets import PRESETS, build_model  # noqa: E402
 
 VIEWS = {"view", "_unsafe_view", "permute", "transpose", "t", "expand", "unsqueeze", "squeeze", "select", "slice",
@@ -86,7 +86,7 @@ def count(preset: str, batch: int, fused: bool, attention: str = "sdpa") -> dict
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def fuses(x, norm):  # as layers._fuses on CUDA with set_fused_add_norm(True) (fused), or not
+    def fuses(x, norm):  # as blocks._fuses on CUDA with set_fused_add_norm(True) (fused), or not
         return fused and type(norm) is torch.nn.LayerNorm and not torch.compiler.is_compiling()
 
     counted = {}
@@ -94,12 +94,12 @@ def count(preset: str, batch: int, fused: bool, attention: str = "sdpa") -> dict
     # would run the kernels, an eager call would go around the dispatcher, and its internals be seen)
     aln = sys.modules["mae_fast.ops.add_layer_norm"]
     attn = sys.modules["mae_fast.ops.attention"]
-    before = layers.attention_backend()
-    layers.set_attention_backend(attention)
+    before = blocks.attention_backend()
+    blocks.set_attention_backend(attention)
     # the blocks take the attention op as where its kernels run; it runs its fallback as one op
-    with mock.patch.object(layers, "_fuses", fuses), mock.patch.object(aln, "_kernels", lambda t, res_dtype: None), \
-            mock.patch.object(layers, "_attention_kernels", lambda qkv, heads: attention == "triton"), \
-            mock.patch.object(attn, "_kernels", lambda qkv, heads: None):
+    with mock.patch.object(blocks, "_fuses", fuses), mock.patch.object(aln, "_kernels", lambda t, res_dtype, *also: None), \
+            mock.patch.object(blocks, "_attention_kernels", lambda qkv, heads: attention == "triton"), \
+            mock.patch.object(attn, "kernels_for", lambda qkv, heads: None):
         try:
             for b in (2, 4):
                 step(b)  # optimizer state exists before the counted step
@@ -107,7 +107,7 @@ def count(preset: str, batch: int, fused: bool, attention: str = "sdpa") -> dict
                     step(b)
                 counted[b] = mode.ops
         finally:
-            layers.set_attention_backend(before)
+            blocks.set_attention_backend(before)
     out = {}
     for op in set(counted[2]) | set(counted[4]):
         (_, b2), (n4, b4) = counted[2].get(op, (0, 0)), counted[4].get(op, (0, 0))
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--fused", action="store_true",
                     help="count the fused add + LayerNorm op, as on CUDA with set_fused_add_norm(True)")
-    ap.add_argument("--attention", default="sdpa", choices=list(layers.ATTENTION_BACKENDS),
+    ap.add_argument("--attention", default="sdpa", choices=list(blocks.ATTENTION_BACKENDS),
                     help="the blocks' attention: SDPA, or mae_fast.ops.attention as one op")
     ap.add_argument("--gbps", type=float, default=4244.0, help="bandwidth for the ms column (H200 copy, measured)")
     ap.add_argument("--top", type=int, default=25)

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import mae_fast
-from mae_fast.models import blocks as layers
+from mae_fast.models import blocks
 
 from benchmarks.common import CUDA, DEVICE, device_name
 
@@ -77,7 +77,7 @@ def _fn(impl, mode, qkv, heads):
     """A no-argument callable running one forward (+ backward) of the case."""
     def f(t):
         with _sdpa_backend(impl):
-            return mae_fast.ops.attention(t, heads) if impl.startswith("mae_fast") else layers.attend_sdpa(t, heads)
+            return mae_fast.ops.attention(t, heads) if impl.startswith("mae_fast") else blocks.attend_sdpa(t, heads)
     if mode == "fwd":
         f(qkv)  # a forced backend that cannot run the case raises here, before timing
         return lambda: f(qkv)

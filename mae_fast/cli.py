@@ -110,9 +110,8 @@ def cmd_visualize(argv):
     model, _, _, _ = model_from_checkpoint(a.checkpoint)
     try:  # the patch count comes with the checkpoint: checked before any image is read
         len_keep_for(model.num_patches, a.mask_ratio)
-    except ValueError:
-        raise SystemExit(f"--mask-ratio {a.mask_ratio} leaves no visible patch of the model's {model.num_patches}; "
-                         f"expected at most {1 - 1 / model.num_patches:.4g}") from None
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--mask-ratio {a.mask_ratio}: {e}") from None
     size = model.img_size[0]
     batch = []
     for path in a.images:

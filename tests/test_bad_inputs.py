@@ -279,7 +279,7 @@ CASES = [
     ("cli export --out training ckpt", lambda t: cli_main("export", tiny_ckpt(t), "--to", "timm", "--force", "--out", tiny_ckpt(t, "run.pth", optimizer={"state": {}, "param_groups": []})), SystemExit, r"--out '.*run.pth' is a training checkpoint; expected another path"),
     ("cli export --out foreign file", lambda t: cli_main("export", tiny_ckpt(t), "--to", "timm", "--out", str(torch_saved(t, "w.pth", {"w": torch.zeros(1)}))), SystemExit, r"--out '.*w.pth' exists and is no export of mae-fast; expected a new path, or --force"),
     ("cli visualize --out x.txt", lambda t: cli_main("visualize", tiny_ckpt(t), str(write(t, "i.png", b"x")), "--out", str(t / "x.txt")), SystemExit, r"--out '.*x.txt': matplotlib cannot write '.txt' pictures; expected a name ending in .*\.png"),
-    ("cli visualize --mask-ratio 0.999", lambda t: cli_main("visualize", tiny_ckpt(t), str(write(t, "i.png", b"x")), "--mask-ratio", "0.999"), SystemExit, r"--mask-ratio 0.999 leaves no visible patch of the model's 16; expected at most 0.9375"),
+    ("cli visualize --mask-ratio 0.999", lambda t: cli_main("visualize", tiny_ckpt(t), str(write(t, "i.png", b"x")), "--mask-ratio", "0.999"), SystemExit, r"--mask-ratio 0.999: mask_ratio 0.999 keeps 0 of 16 patches; at least one patch must stay visible and one be removed"),
     ("cli unknown preset", lambda t: cli_main("probe", tiny_ckpt(t, args={"model": "gigantic"})), SystemExit, r"its args name the model 'gigantic'; expected one of tiny, small, base, large, huge"),
     ("cli ckpt args img_size", lambda t: cli_main("probe", tiny_ckpt(t, args={"img_size": 18})), SystemExit, r"does not fit the model its args describe \(--model tiny\): img_size \(18, 18\) must be .*divisible by patch_size 4"),
     # --- CLI

@@ -152,3 +152,15 @@ def test_kernels_copy_layouts_whose_in_sample_offsets_pass_int32():
     assert fits_int32(small) and within_int32(small) is small
     huge_batch = torch.empty(70_000, 197, 3072, device="meta")  # only the batch offset passes 2**31: fine
     assert fits_int32(huge_batch)
+
+
+def test_old_module_paths_still_import():
+    """The paths users may have imported before the package was split into layers."""
+    from mae_fast.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+    from mae_fast.models_mae import MaskedAutoencoderViT, mae_vit_base_patch16_dec512d8b
+    from mae_fast.pretrain import main
+
+    assert MaskedAutoencoderViT is mae_fast.MaskedAutoencoderViT and load_checkpoint is mae_fast.load_checkpoint
+    assert save_checkpoint is mae_fast.save_checkpoint and callable(read_checkpoint) and callable(main)
+    assert issubclass(CheckpointError, RuntimeError) and mae_vit_base_patch16_dec512d8b is mae_fast.mae_vit_base_patch16
+

@@ -21,7 +21,7 @@ from torch.nn.modules import module as mm
 
 from ..ops._common import load_kernels, triton_kernels
 from ..ops.add_layer_norm import add_layer_norm
-from ..ops.attention import _kernels as _attention_kernels
+from ..ops.attention import kernels_for as _attention_kernels
 from ..ops.attention import attention as fused_attention
 
 ATTENTION_BACKENDS = ("sdpa", "triton")

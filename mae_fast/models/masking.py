@@ -20,8 +20,9 @@ def check_noise(noise, batch: int, num_patches: int, device=None) -> None:
         raise ValueError(f"noise must be a (batch, num_patches) = ({batch}, {num_patches}) tensor, got {got}")
     if not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
-    if device is not None and noise.device != torch.device(device):
-        raise ValueError(f"noise must be on {torch.device(device)} like the images, got {noise.device}")
+    want = None if device is None else torch.device(device)
+    if want is not None and (noise.device.type != want.type or want.index not in (None, noise.device.index)):
+        raise ValueError(f"noise must be on {want} like the images, got {noise.device}")
 
 
 def check_ratio(ratio, name: str, allow_zero: bool = False) -> None:

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import (FLOAT_DTYPES, FLOAT_NAMES, check_device, check_float, compute_dtype, interpreted_wrongly,
+from ._common import (FLOAT_DTYPES, FLOAT_NAMES, check_device, check_float, compute_dtype,
                       normalize_rows, refuse_double_backward, triton_kernels)
 
 
@@ -31,16 +31,11 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _kernels(t: Tensor, res_dtype: torch.dtype):
-    k = triton_kernels("add_layer_norm", t, res_dtype)
+def _kernels(t: Tensor, res_dtype: torch.dtype, *also):
+    """The kernel module for rows t of a res_dtype residual, or None for the fallback; also: the
+    op's other tensors and dtypes (on CPU, the interpreter must compute them right)."""
+    k = triton_kernels("add_layer_norm", t, res_dtype, *also)
     return k if k is not None and res_dtype != torch.float64 and t.shape[-1] <= k.MAX_D else None
-
-
-def _kernels_for(t: Tensor, res_dtype: torch.dtype, *dtypes):
-    """_kernels, or None where the interpreter would also get one of `dtypes` (the op's other inputs
-    and results) wrong."""
-    k = _kernels(t, res_dtype)
-    return None if k is None or interpreted_wrongly(t, *dtypes) else k
 
 
 def _empty0(t: Tensor) -> Tensor:
@@ -82,7 +77,7 @@ def add_layer_norm_backward_torch(grad_res, grad_normed, residual, weight, bias,
 
 def _forward_impl(x, delta, weight, bias, eps, out_dtype):
     res_dtype = torch.promote_types(x.dtype, delta.dtype)
-    k = _kernels_for(x, res_dtype, delta, out_dtype)
+    k = _kernels(x, res_dtype, delta, out_dtype)
     if k is None:
         return add_layer_norm_torch(x, delta, weight, bias, eps, out_dtype or res_dtype)
     lead = x.shape[:-1]
@@ -107,7 +102,7 @@ def _(x, delta, weight, bias, eps, out_dtype):
 
 
 def _backward_impl(grad_residual, grad_normed, residual, weight, bias, mean, rstd, x_dtype, delta_dtype):
-    k = _kernels_for(residual, residual.dtype, x_dtype, delta_dtype, grad_normed)
+    k = _kernels(residual, residual.dtype, x_dtype, delta_dtype, grad_normed)
     if k is None:
         return add_layer_norm_backward_torch(grad_residual, grad_normed, residual, weight, bias, mean, rstd,
                                              x_dtype, delta_dtype)
@@ -232,7 +227,7 @@ def add_layer_norm(x: Tensor, delta: Tensor, weight: Tensor, bias: Optional[Tens
     """
     _check_args(x, delta, weight, bias, eps, out_dtype)
     res_dtype = torch.promote_types(x.dtype, delta.dtype)
-    eager = not torch.compiler.is_compiling() and _kernels_for(x, res_dtype, delta, out_dtype) is not None
+    eager = not torch.compiler.is_compiling() and _kernels(x, res_dtype, delta, out_dtype) is not None
     op = _AddLayerNormEager.apply if eager else torch.ops.mae_fast.add_layer_norm
     res, normed, _, _ = op(x, delta, weight, bias, float(eps), out_dtype)
     return res, normed

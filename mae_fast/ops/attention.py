@@ -25,7 +25,9 @@ from torch import Tensor
 from ._common import check_float, compute_dtype, int_arg, refuse_double_backward, triton_kernels
 
 
-def _kernels(qkv: Tensor, heads: int):
+def kernels_for(qkv: Tensor, heads: int):
+    """The kernel module that runs attention(qkv, heads), or None where the fallback does (the blocks'
+    "triton" backend falls back to SDPA there instead)."""
     k = triton_kernels("attention", qkv)
     return k if k is not None and qkv.shape[-1] // (3 * heads) <= k.MAX_HEAD_DIM else None
 
@@ -72,14 +74,14 @@ def attention_backward_torch(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Te
 # ----------------------------------------------------------------------------- custom ops
 
 def _forward_impl(qkv, heads):
-    k = _kernels(qkv, heads)
+    k = kernels_for(qkv, heads)
     if k is None:
         return attention_torch(qkv, heads)
     return k.attention_fwd(_rowwise(qkv), heads)
 
 
 def _backward_impl(grad_out, qkv, out, lse, heads):
-    k = _kernels(qkv, heads)
+    k = kernels_for(qkv, heads)
     if k is None:
         return attention_backward_torch(grad_out, qkv, out, lse, heads)
     return k.attention_bwd(_rowwise(grad_out), _rowwise(qkv), out, lse, heads)
@@ -160,7 +162,7 @@ def attention(qkv: Tensor, num_heads: int) -> Tensor:
     if qkv.dim() != 3 or qkv.shape[-1] == 0 or qkv.shape[-1] % (3 * heads):
         raise ValueError(f"qkv must have shape (B, N, 3 * num_heads * d) with d >= 1 (num_heads = {heads}), "
                          f"got {tuple(qkv.shape)}")
-    if not torch.compiler.is_compiling() and _kernels(qkv, heads) is not None:
+    if not torch.compiler.is_compiling() and kernels_for(qkv, heads) is not None:
         return _AttentionEager.apply(qkv, heads)[0]
     return torch.ops.mae_fast.attention(qkv, heads)[0]
 

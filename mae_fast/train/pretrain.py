@@ -284,7 +284,7 @@ def train(args) -> dict:
                     bar.set_postfix(epoch=epoch, loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                                     img_s=f"{images_per_s:.0f}")
                 if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                    # no save: the weights are those of the last good step, which the last checkpoint holds
+                    # no save: the scaler's skipped steps left no weights worth keeping over the last checkpoint
                     raise SystemExit(
                         f"fp16: {skipped_in_a_row} optimizer steps in a row skipped for non-finite losses or "
                         f"gradients (up to step {step}; {skipped_total} skipped in this run, last loss {loss_value}): "

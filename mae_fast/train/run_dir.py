@@ -44,7 +44,11 @@ def lock_output_dir(path: str) -> int:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if not isinstance(e, BlockingIOError):  # held by another run; anything else is the filesystem
+                os.close(fd)
+                raise SystemExit(f"--output-dir {path}: cannot lock {LOCK_FILE} there ({e.strerror}); "
+                                 "expected a filesystem that supports flock") from None
             holder = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
             raise SystemExit(f"--output-dir {path} is in use by another mae-fast pretrain run"

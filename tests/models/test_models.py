@@ -293,7 +293,7 @@ def test_autocast_runs_and_stays_finite(dtype):
 
 
 def _count_fused_add_norms(monkeypatch):
-    import mae_fast.models.blocks as layers
+    import mae_fast.models.blocks as blocks
 
     calls = []
 
@@ -301,8 +301,8 @@ def _count_fused_add_norms(monkeypatch):
         calls.append(kwargs.get("out_dtype"))
         return real(*args, **kwargs)
 
-    real = layers.add_layer_norm
-    monkeypatch.setattr(layers, "add_layer_norm", counting)
+    real = blocks.add_layer_norm
+    monkeypatch.setattr(blocks, "add_layer_norm", counting)
     return calls
 
 
@@ -393,7 +393,7 @@ def test_hooked_and_wrapped_blocks_still_run_as_modules(monkeypatch):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_add_norm_matches_unfused_under_autocast(monkeypatch, dtype, device):
-    import mae_fast.models.blocks as layers
+    import mae_fast.models.blocks as blocks
 
     fast, _ = official_pair(norm_pix_loss=True)
     vp, _ = vp_pair()
@@ -401,7 +401,7 @@ def test_fused_add_norm_matches_unfused_under_autocast(monkeypatch, dtype, devic
     imgs, noise = torch.randn(2, 3, 16, 24, device=device), torch.rand(2, 24, device=device)
     results = []
     for fused in (True, False):
-        monkeypatch.setattr(layers, "_fused_add_norm", fused)
+        monkeypatch.setattr(blocks, "_fused_add_norm", fused)
         fast.zero_grad(set_to_none=True)
         vp.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=dtype):

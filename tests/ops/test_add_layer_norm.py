@@ -42,7 +42,7 @@ def _poison(monkeypatch):
 
 def assert_path(path, x, res_dtype, *also):
     """The op runs the kernels exactly where the path and the dtypes (x's, res_dtype, also) say."""
-    assert (A._kernels_for(x, res_dtype, *also) is not None) == runs_kernels(path, x, res_dtype, *also)
+    assert (A._kernels(x, res_dtype, *also) is not None) == runs_kernels(path, x, res_dtype, *also)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from _triton_ops import INTERPRET, OpLog, _nan_empty, runs_without_sync, take_path
 
 import mae_fast
-from mae_fast.models import blocks as layers
+from mae_fast.models import blocks
 
 A = importlib.import_module("mae_fast.ops.attention")  # the module (mae_fast.ops.attention is the function)
 
@@ -82,7 +82,7 @@ def assert_2x_max_rule(out, ref64, low, atol):
 def test_fp32_matches_float64(path, shape):
     B, N, H, d = shape
     qkv, grad = torch.randn(B, N, 3 * H * d), torch.randn(B, N, H * d)
-    assert (A._kernels(qkv, H) is not None) == (path == "triton")
+    assert (A.kernels_for(qkv, H) is not None) == (path == "triton")
     out, g = fwd_bwd(mae_fast.ops.attention, qkv, H, grad)
     out64, g64 = fwd_bwd(sdpa, qkv, H, grad, torch.float64)
     assert out.dtype == g.dtype == torch.float32 and g.is_contiguous()
@@ -107,7 +107,7 @@ def test_bf16_on_cpu_takes_the_fallback(path):
     fallback, held to flash-attention's rule against SDPA in bf16."""
     B, N, H, d = 2, 37, 2, 16
     qkv, grad = torch.randn(B, N, 3 * H * d).bfloat16(), torch.randn(B, N, H * d).bfloat16()
-    assert A._kernels(qkv, H) is None
+    assert A.kernels_for(qkv, H) is None
     out, g = fwd_bwd(mae_fast.ops.attention, qkv, H, grad)
     low, glow = fwd_bwd(sdpa, qkv, H, grad)
     out64, g64 = fwd_bwd(sdpa, qkv, H, grad, torch.float64)
@@ -126,7 +126,7 @@ def test_double_backward_is_refused(path):
 
 def test_head_dim_past_the_kernels_takes_the_fallback():
     qkv, grad = torch.randn(2, 3, 3 * 130), torch.randn(2, 3, 130)
-    assert A._kernels(qkv, 1) is None
+    assert A.kernels_for(qkv, 1) is None
     out, g = fwd_bwd(mae_fast.ops.attention, qkv, 1, grad)
     out64, g64 = fwd_bwd(sdpa, qkv, 1, grad, torch.float64)
     close64(out, out64)
@@ -248,7 +248,7 @@ def test_attend_takes_the_op_where_its_kernels_run(path, triton_attention):
 
     def sdpa_ran():
         with OpLog() as log:
-            layers.attend(qkv, 2)
+            blocks.attend(qkv, 2)
         return any("scaled_dot_product" in f.overloadpacket.__name__ for f in log.ops)
 
     assert sdpa_ran() == (path == "torch")

@@ -109,7 +109,8 @@ def test_visualize_checks_out_and_mask_ratio_before_any_work(tmp_path, trained):
     message = fail(["visualize", trained, str(unreadable), "--out", str(tmp_path)])
     assert message.startswith(f"--out '{tmp_path}' is a directory; expected a picture file")
     message = fail(["visualize", trained, str(unreadable), "--mask-ratio", "0.999"])
-    assert message == "--mask-ratio 0.999 leaves no visible patch of the model's 16; expected at most 0.9375"
+    assert message == ("--mask-ratio 0.999: mask_ratio 0.999 keeps 0 of 16 patches; at least one patch must stay "
+                       "visible and one be removed")
     assert not list(tmp_path.glob("x*")) and not (tmp_path / "reconstructions.png").exists()
 
 
