@@ -46,8 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = "benchmarks.gpu_run"
 LOG_VAR = "MAE_FAST_GPU_TESTS_LOG"  # where the plugin appends "nodeid, outcome, seconds, message" lines
 SELECT_VAR = "MAE_FAST_GPU_TESTS_SELECT"  # a file of node ids: the plugin runs those alone, in that order
-# the most telling first: the compiled kernels are the ones used, the ops at ViT shapes (the
-# failures of the last GPU runs), model parity and no host sync; the slow sweeps last
+# the most telling first: the compiled kernels are the ones used, the ops at ViT shapes, model
+# parity and no host sync; the slow sweeps last
 PRIORITY = ["tests/ops/test_extension.py", "tests/ops/test_add_layer_norm.py", "tests/ops/test_attention.py",
             "tests/models/test_models.py", "tests/ops/test_patchify.py", "tests/ops/test_masked_mse_loss.py",
             "tests/test_package.py", "tests/train/test_faults.py", "tests/ops/test_tokens.py",
@@ -319,7 +319,7 @@ def check_one(words: list[str]) -> list[str]:
         print(f"  steps: {', '.join(f'{c.name}/{p}' for c, p in pairs)}")
         notes = [p for _, p in pairs if p == "vit_pytorch"]
         if notes:
-            print("  note: vit_pytorch is not on the H200 image: skipped with the reason unless carried as a wheel")
+            print("  note: vit_pytorch needs the vit-pytorch package: skipped with the reason where it is missing")
         named = [p for p in providers.split(",") if p]
         dropped = [p for p in named if p not in {p for _, p in pairs}]
         return [f"providers {dropped} run on none of the cases {cases}"] if dropped else []

@@ -11,12 +11,12 @@
 #   bash benchmarks/gpu_run.sh --call 2 [--dry-run]     at most 5 minutes, on the same machine after call 1
 #   bash benchmarks/gpu_run.sh --help
 #
-# With the device tool (the tree there has no .git: name the commit, the output of
-# `git rev-parse HEAD` here, in place of <sha>):
+# On a runner that copies the tree without .git (name the commit, the output of `git rev-parse HEAD`,
+# in place of <sha>), each call a command with a time limit:
 #   run  command="MAE_FAST_COMMIT=<sha> bash benchmarks/gpu_run.sh --call 1"  timeout_s=570
 #   run  command="MAE_FAST_COMMIT=<sha> bash benchmarks/gpu_run.sh --call 2"  timeout_s=290
-# The two budgets (520 s + 250 s) and the machine's start (1-2 minutes) add up to about 15 minutes.
-# Run the same command with --dry-run here first: a typo then fails in seconds on a CPU.
+# The two budgets (520 s + 250 s) and a machine's start (1-2 minutes) add up to about 15 minutes.
+# Run the same command with --dry-run on any CPU first: a typo then fails in seconds.
 #
 # Call 1 (budget 520 s; seconds: at most / at least, else the stage is skipped):
 #   build           150       pip install -e . (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16); skipped when up to date
@@ -34,8 +34,8 @@
 #   ops              90 / 20  the op suites against eager (attention at the ViT-L shapes)
 #   ops-compiled   rest / 30  the op suites' torch.compile baselines
 #   report           25
-# Packages: everything comes with the H200 image (torch, triton, transformers, pytest,
-# pytest-benchmark, pytest-timeout, matplotlib); vit-pytorch is not there and not needed: no
+# Packages: torch, triton, transformers, pytest, pytest-benchmark, pytest-timeout, matplotlib;
+# no network is needed. vit-pytorch is not needed either: no
 # stage measures the vit_pytorch provider, which is skipped with the reason where it is named.
 #
 # Knobs (environment; defaults in brackets):
@@ -55,7 +55,7 @@
 #                                      gpu_tests.txt, summary-call<N>.txt, logs/ (not committed)
 #   MAE_FAST_COMMIT, MAE_FAST_BENCH_DATE   provenance: the commit, and the run id (call 2 reuses call 1's)
 #   TORCH_CUDA_ARCH_LIST [9.0]         the H200's arch only
-# Where $OUT is set (the device tool's output folder), gpu_call<N>.tgz (the results folder) and
+# Where $OUT is set (a runner's output folder), gpu_call<N>.tgz (the results folder) and
 # the main files beside it are copied there after every stage.
 set -uo pipefail
 
@@ -153,7 +153,7 @@ stage() {
   save_out
 }
 
-save_out() {  # the device tool returns at most 8 files: one archive, and the main files beside it
+save_out() {  # runners may return only a few files: one archive, and the main files beside it
   [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ] || return 0
   tar czf "$OUT/gpu_call$CALL.tgz" -C "$(dirname "$RES")" "$(basename "$RES")" 2>/dev/null
   local f
