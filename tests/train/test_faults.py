@@ -29,6 +29,7 @@ from mae_fast import ops
 from mae_fast.train import pretrain
 from mae_fast.io.checkpoint import read_checkpoint
 from mae_fast.models.official import MaskedAutoencoderViT
+from _torch_support import fp16_cpu_supported
 
 
 # 6 steps per epoch, 2 epochs: checkpoints at steps 6 and 12
@@ -171,17 +172,7 @@ FP16 = ["--model", "tiny", "--img-size", "16", "--batch-size", "8", "--samples-p
         "--quiet", "--vis-every", "100", "--precision", "fp16"]
 
 
-def _fp16_cpu_supported():
-    try:
-        with torch.autocast("cpu", dtype=torch.float16):
-            torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
-        torch.amp.GradScaler("cpu")
-        return True
-    except (RuntimeError, TypeError, ValueError):
-        return False
-
-
-needs_fp16 = pytest.mark.skipif(not _fp16_cpu_supported(), reason="this torch has no fp16 autocast/GradScaler on CPU")
+needs_fp16 = pytest.mark.skipif(not fp16_cpu_supported(), reason="this torch has no fp16 autocast/GradScaler on CPU")
 
 
 class _InfGrad(torch.autograd.Function):

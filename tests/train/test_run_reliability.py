@@ -15,6 +15,7 @@ from mae_fast import cli
 from mae_fast.io.checkpoint import read_checkpoint, save_checkpoint
 from mae_fast.models.official import MaskedAutoencoderViT
 from mae_fast.train import pretrain
+from _torch_support import fp16_cpu_supported
 
 SMALL = ["--model", "tiny", "--img-size", "16", "--batch-size", "8", "--samples-per-epoch", "32", "--quiet",
          "--vis-every", "100", "--epochs", "1"]  # 4 steps an epoch
@@ -186,17 +187,7 @@ def test_resume_at_max_steps_runs_no_step(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- divergence
 
-def _fp16_cpu_supported():
-    try:
-        with torch.autocast("cpu", dtype=torch.float16):
-            torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
-        torch.amp.GradScaler("cpu")
-        return True
-    except (RuntimeError, TypeError, ValueError):
-        return False
-
-
-@pytest.mark.skipif(not _fp16_cpu_supported(), reason="this torch has no fp16 autocast/GradScaler on CPU")
+@pytest.mark.skipif(not fp16_cpu_supported(), reason="this torch has no fp16 autocast/GradScaler on CPU")
 def test_fp16_run_whose_steps_are_all_skipped_stops_non_zero(tmp_path, capsys):
     """--lr 1e8 wrecks the weights at the first step; every later step is non-finite and skipped."""
     out = tmp_path / "run"
