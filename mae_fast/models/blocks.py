@@ -8,7 +8,8 @@ view.
 Stacks of pre-norm blocks, of either API, run through one residual-stream runner, `run_prenorm`.
 With set_fused_add_norm(True), every residual add is fused with the LayerNorm that reads its result
 (mae_fast.ops.add_layer_norm), one memory pass instead of add, norm and autocast's cast. The
-state-dict keys stay timm's.
+state-dict keys stay timm's. With `checkpoint=True` the runner checkpoints the activations of each block
+(torch.utils.checkpoint): a block keeps only its input for backward and recomputes the rest there.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as mm
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..ops._common import load_kernels, triton_kernels
 from ..ops.add_layer_norm import add_layer_norm
@@ -144,6 +146,15 @@ def attend_sdpa(qkv: torch.Tensor, heads: int, dropout_p: float = 0.0) -> torch.
     return out.transpose(1, 2).reshape(B, N, heads * d)
 
 
+def attention_probs(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """The attention probabilities of a fused qkv projection, (B, heads, N, N) in float32, by an
+    explicit softmax(q k^T / sqrt(d)): for looking at, never on the training path (which runs
+    SDPA or the fused kernels and never forms this matrix)."""
+    q, k, _ = _head_views(qkv, heads)
+    scores = q.float() @ k.float().transpose(-2, -1)
+    return (scores * q.shape[-1] ** -0.5).softmax(dim=-1)
+
+
 class Attention(nn.Module):
     """timm's Attention (qkv, proj keys) on SDPA."""
 
@@ -157,6 +168,10 @@ class Attention(nn.Module):
 
     def forward(self, x):
         return self.proj(attend(self.qkv(x), self.num_heads))
+
+    def attention_map(self, x):
+        """The attention probabilities (B, heads, N, N) of normed tokens x (attention_probs)."""
+        return attention_probs(self.qkv(x), self.num_heads)
 
 
 class Mlp(nn.Module):
@@ -230,10 +245,22 @@ def run_prenorm(x: torch.Tensor, sublayers, final_norm: nn.Module = None) -> tor
     return x if pending is None else x + pending
 
 
-def run_blocks(blocks, x: torch.Tensor, final_norm: nn.Module = None) -> torch.Tensor:
+def run_checkpointed(blocks, x: torch.Tensor, final_norm: nn.Module = None) -> torch.Tensor:
+    """x through each of blocks (callables x -> x) with its activations checkpointed, then final_norm
+    (if given). Non-reentrant torch.utils.checkpoint: it traces under torch.compile, and the
+    recomputation replays the forward's RNG state (dropout). Without autograd, a plain loop."""
+    for blk in blocks:
+        x = _checkpoint(blk, x, use_reentrant=False) if torch.is_grad_enabled() else blk(x)
+    return x if final_norm is None else final_norm(x)
+
+
+def run_blocks(blocks, x: torch.Tensor, final_norm: nn.Module = None, *, checkpoint: bool = False) -> torch.Tensor:
     """x through pre-norm Blocks, then final_norm (if given), as `blk(x)` in turn computes. Blocks
     that are wrapped (activation checkpointing), hooked (FSDP) or given their own forward are called
-    as modules, and fuse inside themselves only."""
+    as modules, and fuse inside themselves only. checkpoint=True: activation checkpointing of each
+    block (run_checkpointed); residual adds then fuse within a block only."""
+    if checkpoint:
+        return run_checkpointed(blocks, x, final_norm)
     if all(type(blk) is Block and not has_hooks(blk) and "forward" not in vars(blk) for blk in blocks):
         return run_prenorm(x, (pair for blk in blocks for pair in blk.sublayers()), final_norm)
     for blk in blocks:

@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import ops
 from .blocks import check_images
+from .features import grad_checkpointing_arg
 from .masking import check_noise, check_ratio
 from .vit import Transformer, transformer_forward
 
@@ -44,6 +45,10 @@ class MAE(nn.Module):
         self.decoder = Transformer(decoder_dim, decoder_depth, decoder_heads, decoder_dim_head, decoder_dim * 4)
         self.decoder_pos_emb = nn.Embedding(num_pos, decoder_dim)
         self.to_pixels = nn.Linear(decoder_dim, patch_dim)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the encoder's and the decoder's layers (timm's name)."""
+        self.encoder.transformer.grad_checkpointing = self.decoder.grad_checkpointing = grad_checkpointing_arg(enable)
 
     def check_input(self, img: torch.Tensor) -> None:
         (ph, pw), L, C = self.patch_size, self.num_patches, self.channels

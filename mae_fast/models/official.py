@@ -3,6 +3,9 @@ fused ops, with the same constructor, state-dict keys, init and forward -> (loss
 
 The hot path embeds only the visible patches (gathered straight from the image), assembles the
 decoder input in one scatter, and computes the loss with targets made on the fly.
+interpolate_pos_encoding=True takes images of another patch-divisible size (tables resized per call);
+forward_intermediates / get_attention_maps (features.py) give features and attention maps;
+set_grad_checkpointing(True) checkpoints the blocks' activations.
 """
 from __future__ import annotations
 
@@ -16,40 +19,10 @@ from .. import ops
 from ..io import hf
 from ..ops._common import pair_arg
 from .blocks import Block, check_images, run_blocks
+from .config import check_config
+from .features import EncoderFeatures, FeatureStack, grad_checkpointing_arg
 from .masking import random_masking
-from .pos_embed import pos_embed_2d
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def check_config(*, img_size, patch_size, in_chans, embed_dim, depth, num_heads, decoder_embed_dim,
-                 decoder_depth, decoder_num_heads, norm_pix_loss) -> None:
-    """Constructor arguments of MaskedAutoencoderViT; errors name the argument and what it must be."""
-    if not _is_int(patch_size) or patch_size < 1:
-        raise (ValueError if _is_int(patch_size) else TypeError)(
-            f"patch_size must be a positive int (square patches, as the official model), got {patch_size!r}")
-    size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
-    if len(size) != 2 or not all(_is_int(v) for v in size):
-        raise TypeError(f"img_size must be an int or a pair of ints (H, W), got {img_size!r}")
-    if min(size) < 1 or size[0] % patch_size or size[1] % patch_size:
-        raise ValueError(f"img_size {size} must be positive and divisible by patch_size {patch_size}")
-    for name, value, low in (("in_chans", in_chans, 1), ("embed_dim", embed_dim, 1), ("depth", depth, 0),
-                             ("num_heads", num_heads, 1), ("decoder_embed_dim", decoder_embed_dim, 1),
-                             ("decoder_depth", decoder_depth, 0), ("decoder_num_heads", decoder_num_heads, 1)):
-        if not _is_int(value) or value < low:
-            raise (ValueError if _is_int(value) else TypeError)(f"{name} must be an int >= {low}, got {value!r}")
-    for dim_name, dim, heads_name, heads in (("embed_dim", embed_dim, "num_heads", num_heads),
-                                             ("decoder_embed_dim", decoder_embed_dim, "decoder_num_heads",
-                                              decoder_num_heads)):
-        if dim % heads:
-            raise ValueError(f"{dim_name} ({dim}) must be divisible by {heads_name} ({heads})")
-        if dim % 4:
-            raise ValueError(f"{dim_name} must be a multiple of 4 for the 2-D sin-cos table, got {dim}")
-    if norm_pix_loss and patch_size * patch_size * in_chans < 2:
-        raise ValueError("norm_pix_loss needs at least 2 values per patch (patch_size**2 * in_chans >= 2) "
-                         "for the unbiased per-patch variance; got patch_size=1, in_chans=1")
+from .pos_embed import check_interpolation, pos_embed_2d, resize_pos_table
 
 
 class PatchEmbed(nn.Module):
@@ -75,7 +48,7 @@ class PatchEmbed(nn.Module):
         return F.linear(x, self.linear_weight(), self.proj.bias)
 
 
-class MaskedAutoencoderViT(nn.Module):
+class MaskedAutoencoderViT(EncoderFeatures, nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
                  norm_layer=nn.LayerNorm, norm_pix_loss=False):
@@ -88,6 +61,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.num_patches = self.grid[0] * self.grid[1]
         self.norm_pix_loss = norm_pix_loss
         self.default_mask_ratio = 0.75
+        self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, self.img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -135,53 +109,86 @@ class MaskedAutoencoderViT(nn.Module):
         check_images(imgs, "imgs", C, lambda h, w: (h, w) == (H, W),
                      f"(batch, {C}, {H}, {W}) for this model (img_size={self.img_size}, in_chans={C})")
 
+    def _pos_tables(self, imgs, interpolate_pos_encoding):
+        """Checks imgs; the (encoder, decoder) position tables of their patch grid: the model's own,
+        or with interpolate_pos_encoding (any patch-divisible size) the tables resized to the grid as
+        Hugging Face ViTMAE's encoder does (bicubic on the 2-D grid); "hf" resizes the decoder's as
+        Hugging Face ViTMAE's decoder does (bicubic along the flattened sequence), for parity."""
+        check_interpolation(interpolate_pos_encoding)
+        if not interpolate_pos_encoding:
+            self.check_input(imgs)
+            return self.pos_embed, self.decoder_pos_embed
+        p, C = self.patch_size, self.in_chans
+        check_images(imgs, "imgs", C, lambda h, w: h >= p and w >= p and not h % p and not w % p,
+                     f"(batch, {C}, H, W) with H and W positive multiples of patch_size={p}")
+        grid = (imgs.shape[2] // p, imgs.shape[3] // p)
+        return (resize_pos_table(self.pos_embed, self.grid, grid),
+                resize_pos_table(self.decoder_pos_embed, self.grid, grid, flattened=interpolate_pos_encoding == "hf"))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the encoder and decoder blocks (timm's name): each block keeps
+        only its input for backward and recomputes its activations there; the same gradients."""
+        self.grad_checkpointing = grad_checkpointing_arg(enable)
+
+    def _feature_stack(self, imgs, interpolate_pos_encoding) -> FeatureStack:
+        pos = self._pos_tables(imgs, interpolate_pos_encoding)[0]
+        ids = torch.arange(pos.shape[1] - 1, device=imgs.device).expand(imgs.shape[0], -1)
+        grid = (imgs.shape[2] // self.patch_size, imgs.shape[3] // self.patch_size)
+        return FeatureStack(self._embed(imgs, ids, pos), self.blocks,
+                            lambda i, x: self.blocks[i].attn.attention_map(self.blocks[i].norm1(x)),
+                            self.norm, 1, grid, self.grad_checkpointing)
+
     # ------------------------------------------------------------------ fast path
 
-    def _encode(self, imgs, mask_ratio, noise, allow_zero=False):
-        m = random_masking(imgs.shape[0], self.num_patches, mask_ratio, noise, device=imgs.device,
+    def _encode(self, imgs, mask_ratio, noise, pos, allow_zero=False):
+        m = random_masking(imgs.shape[0], pos.shape[1] - 1, mask_ratio, noise, device=imgs.device,
                            allow_zero=allow_zero)
-        return self._encode_patches(imgs, m.ids_keep), m
+        return self._encode_patches(imgs, m.ids_keep, pos), m
 
     def _overrides(self, *names) -> bool:
         """Whether a subclass replaced one of these official methods (the forward then composes them)."""
         return any(getattr(type(self), n) is not getattr(MaskedAutoencoderViT, n) for n in names)
 
-    def _encode_patches(self, imgs, ids):
-        """Encoder output (B, 1 + K, D) for patches ids (B, K): only those are ever embedded."""
+    def _embed(self, imgs, ids, pos):
+        """The encoder's input (B, 1 + K, D) for patches ids (B, K): only those are ever embedded."""
         x = self.patch_embed(ops.patchify_gather(imgs, ids, self.patch_size))
-        x = x + self.pos_embed[0, 1:][ids]
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls.to(x.dtype), x], dim=1)
-        return run_blocks(self.blocks, x, self.norm)
+        x = x + pos[0, 1:][ids]
+        cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls.to(x.dtype), x], dim=1)
 
-    def forward_features(self, imgs):
+    def _encode_patches(self, imgs, ids, pos):
+        return run_blocks(self.blocks, self._embed(imgs, ids, pos), self.norm, checkpoint=self.grad_checkpointing)
+
+    def forward_features(self, imgs, *, interpolate_pos_encoding=False):
         """Encoder tokens of the whole image, unmasked: (B, 1 + L, D), as a fine-tuned ViT sees it."""
-        self.check_input(imgs)
-        ids = torch.arange(self.num_patches, device=imgs.device).expand(imgs.shape[0], -1)
-        return self._encode_patches(imgs, ids)
+        pos = self._pos_tables(imgs, interpolate_pos_encoding)[0]
+        ids = torch.arange(pos.shape[1] - 1, device=imgs.device).expand(imgs.shape[0], -1)
+        return self._encode_patches(imgs, ids, pos)
 
-    def _decode(self, latent, ids_keep):
-        """Decoder blocks' output (B, 1 + L, Dd), before decoder_norm."""
+    def _decode(self, latent, ids_keep, pos):
+        """Decoder blocks' output (B, 1 + L, Dd), before decoder_norm; pos: the decoder's table."""
         x = self.decoder_embed(latent)
         # the official decoder adds the (fp32) position table, which promotes under autocast
-        x = x.to(torch.promote_types(x.dtype, self.decoder_pos_embed.dtype))
-        x = ops.unshuffle_tokens(x, ids_keep, self.num_patches, self.mask_token, self.decoder_pos_embed,
-                                 num_prefix=1)
-        return run_blocks(self.decoder_blocks, x)
+        x = x.to(torch.promote_types(x.dtype, pos.dtype))
+        x = ops.unshuffle_tokens(x, ids_keep, pos.shape[1] - 1, self.mask_token, pos, num_prefix=1)
+        return run_blocks(self.decoder_blocks, x, checkpoint=self.grad_checkpointing)
 
-    def forward(self, imgs, mask_ratio=None, noise=None, *, return_pred: bool = True):
+    def forward(self, imgs, mask_ratio=None, noise=None, *, return_pred: bool = True, interpolate_pos_encoding=False):
         """Returns (loss, pred, mask) as the official model; mask_ratio defaults to 0.75 (or the
         Hugging Face config's). With return_pred=False, pred is None and the prediction head runs
-        on the removed patches only: the same loss for less work."""
-        self.check_input(imgs)
+        on the removed patches only: the same loss for less work. interpolate_pos_encoding=True
+        takes images of any size divisible by the patch size (noise is then (B, h*w) of their grid)."""
+        pos, dec_pos = self._pos_tables(imgs, interpolate_pos_encoding)
         mask_ratio = self.default_mask_ratio if mask_ratio is None else mask_ratio
         if self._overrides("forward_encoder", "forward_decoder", "forward_loss", "random_masking", "patchify"):
             # a subclass's methods, composed as the official forward does (no fast path)
-            latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, *(() if noise is None else (noise,)))
-            pred = self.forward_decoder(latent, ids_restore)
+            kw = dict(interpolate_pos_encoding=interpolate_pos_encoding) if interpolate_pos_encoding else {}
+            noise = () if noise is None else (noise,)
+            latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, *noise, **kw)
+            pred = self.forward_decoder(latent, ids_restore, **kw, **(dict(img_size=imgs.shape[2:]) if kw else {}))
             return self.forward_loss(imgs, pred, mask), pred, mask
-        latent, m = self._encode(imgs, mask_ratio, noise)
-        x = self._decode(latent, m.ids_keep)
+        latent, m = self._encode(imgs, mask_ratio, noise, pos)
+        x = self._decode(latent, m.ids_keep, dec_pos)
         if return_pred:
             pred = self.decoder_pred(self.decoder_norm(x[:, 1:]))
             loss = ops.masked_mse_loss(pred, imgs, self.patch_size, mask=m.mask, norm_pix=self.norm_pix_loss)
@@ -197,27 +204,41 @@ class MaskedAutoencoderViT(nn.Module):
     def patchify(self, imgs):
         return ops.patchify(imgs, self.patch_size)
 
-    def unpatchify(self, x):
-        return ops.unpatchify(x, self.patch_size, self.img_size)
+    def unpatchify(self, x, img_size=None):
+        """img_size: (H, W) of images of another size (interpolate_pos_encoding); default the model's."""
+        return ops.unpatchify(x, self.patch_size, self.img_size if img_size is None else tuple(img_size))
 
     def random_masking(self, x, mask_ratio, noise=None):
         m = random_masking(x.shape[0], x.shape[1], mask_ratio, noise, device=x.device, allow_zero=True)
         return ops.gather_tokens(x, m.ids_keep), m.mask, m.ids_restore
 
-    def forward_encoder(self, x, mask_ratio, noise=None):
+    def forward_encoder(self, x, mask_ratio, noise=None, *, interpolate_pos_encoding=False):
         """mask_ratio 0 runs the encoder on every patch (as the official code: features)."""
-        self.check_input(x)
+        pos = self._pos_tables(x, interpolate_pos_encoding)[0]
         if self._overrides("random_masking", "patchify"):  # a subclass's: the official composition
-            t = self.patch_embed(self.patchify(x)) + self.pos_embed[:, 1:]
+            t = self.patch_embed(self.patchify(x)) + pos[:, 1:]
             t, mask, ids_restore = self.random_masking(t, mask_ratio, *(() if noise is None else (noise,)))
-            cls = (self.cls_token + self.pos_embed[:, :1]).expand(t.shape[0], -1, -1)
-            return run_blocks(self.blocks, torch.cat([cls.to(t.dtype), t], dim=1), self.norm), mask, ids_restore
-        latent, m = self._encode(x, mask_ratio, noise, allow_zero=True)
+            cls = (self.cls_token + pos[:, :1]).expand(t.shape[0], -1, -1)
+            x = torch.cat([cls.to(t.dtype), t], dim=1)
+            return run_blocks(self.blocks, x, self.norm, checkpoint=self.grad_checkpointing), mask, ids_restore
+        latent, m = self._encode(x, mask_ratio, noise, pos, allow_zero=True)
         return latent, m.mask, m.ids_restore
 
-    def forward_decoder(self, x, ids_restore):
-        ids_keep = torch.argsort(ids_restore, dim=1)[:, : x.shape[1] - 1]
-        x = self._decode(x, ids_keep)
+    def forward_decoder(self, x, ids_restore, *, interpolate_pos_encoding=False, img_size=None):
+        """With interpolate_pos_encoding, the decoder table is resized to the grid of img_size (H, W)
+        (default: the model's grid if ids_restore has its length, else a square grid)."""
+        check_interpolation(interpolate_pos_encoding)
+        L, pos = ids_restore.shape[1], self.decoder_pos_embed
+        if interpolate_pos_encoding:
+            if img_size is not None:
+                grid = (img_size[0] // self.patch_size, img_size[1] // self.patch_size)
+            else:
+                grid = self.grid if L == self.num_patches else (round(L ** 0.5),) * 2
+            if grid[0] * grid[1] != L:
+                raise ValueError(f"img_size {img_size} does not give a grid of ids_restore's {L} patches; "
+                                 f"pass img_size=(H, W) of the images")
+            pos = resize_pos_table(pos, self.grid, grid, flattened=interpolate_pos_encoding == "hf")
+        x = self._decode(x, torch.argsort(ids_restore, dim=1)[:, : x.shape[1] - 1], pos)
         return self.decoder_pred(self.decoder_norm(x[:, 1:]))
 
     def forward_loss(self, imgs, pred, mask):

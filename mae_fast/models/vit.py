@@ -1,4 +1,5 @@
-"""vit-pytorch's ViT (its API and state-dict keys) on SDPA and the fused patchify op."""
+"""vit-pytorch's ViT (its API and state-dict keys) on SDPA and the fused patchify op, with timm's
+forward_intermediates, attention maps (features.py) and set_grad_checkpointing."""
 from __future__ import annotations
 
 from functools import partial
@@ -9,7 +10,8 @@ from torch import nn
 
 from .. import ops
 from ..ops._common import pair_arg
-from .blocks import attend, check_images, has_hooks, run_prenorm
+from .blocks import attend, attention_probs, check_images, has_hooks, run_checkpointed, run_prenorm
+from .features import EncoderFeatures, FeatureStack, grad_checkpointing_arg
 
 
 class Patchify(nn.Module):
@@ -57,6 +59,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(
             nn.ModuleList([Attention(dim, heads, dim_head, dropout), FeedForward(dim, mlp_dim, dropout)])
             for _ in range(depth))
+        self.grad_checkpointing = False  # read by transformer_forward
 
     def forward(self, x):
         return transformer_forward(self, x)
@@ -73,21 +76,43 @@ def _attend_normed(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return attn.to_out(attend(attn.to_qkv(h), attn.heads, p))
 
 
+def attention_map(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The attention probabilities (B, heads, N, N) of a vit-pytorch Attention on tokens x."""
+    return attention_probs(attn.to_qkv(attn.norm(x)), attn.heads)
+
+
+def _fusable(attn: nn.Module, ff: nn.Module) -> bool:
+    return (not has_hooks(attn) and not has_hooks(ff) and isinstance(getattr(ff, "net", None), nn.Sequential)
+            and isinstance(ff.net[0], nn.LayerNorm))
+
+
+def _sublayers(attn: nn.Module, ff: nn.Module):
+    return (attn.norm, partial(_attend_normed, attn)), (ff.net[0], partial(_after_norm, ff.net))
+
+
+def _layer(attn: nn.Module, ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One layer: x + attn(x), then x + ff(x). Hooked (FSDP, taps) or differently built sub-layers
+    are called as modules."""
+    if _fusable(attn, ff):
+        return run_prenorm(x, _sublayers(attn, ff))
+    x = attn(x) + x
+    return ff(x) + x
+
+
 def transformer_forward(transformer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Runs a vit-pytorch-shaped Transformer (ours or vit_pytorch's) with SDPA attention, so a
     vit_pytorch.ViT encoder handed to mae_fast.MAE gets the fast path while training in place.
     With set_fused_add_norm(True), each residual add is fused with the LayerNorm after it
-    (Attention.norm, FeedForward.net[0], the final norm), as in the official model's blocks."""
-    fusable = all(not has_hooks(attn) and not has_hooks(ff) and isinstance(getattr(ff, "net", None), nn.Sequential)
-                  and isinstance(ff.net[0], nn.LayerNorm) for attn, ff in transformer.layers)
-    if not fusable:  # hooked (FSDP, taps) or differently built sub-layers: call them as modules
-        for attn, ff in transformer.layers:
-            x = attn(x) + x
-            x = ff(x) + x
-        return transformer.norm(x)
-    sublayers = (pair for attn, ff in transformer.layers
-                 for pair in ((attn.norm, partial(_attend_normed, attn)), (ff.net[0], partial(_after_norm, ff.net))))
-    return run_prenorm(x, sublayers, transformer.norm)
+    (Attention.norm, FeedForward.net[0], the final norm), as in the official model's blocks.
+    A `grad_checkpointing` attribute set True checkpoints each layer's activations."""
+    layers = transformer.layers
+    if getattr(transformer, "grad_checkpointing", False):
+        return run_checkpointed([partial(_layer, attn, ff) for attn, ff in layers], x, transformer.norm)
+    if all(_fusable(attn, ff) for attn, ff in layers):  # one residual stream, fused across layers too
+        return run_prenorm(x, (pair for attn, ff in layers for pair in _sublayers(attn, ff)), transformer.norm)
+    for attn, ff in layers:
+        x = _layer(attn, ff, x)
+    return transformer.norm(x)
 
 
 def _after_norm(net: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
@@ -97,7 +122,7 @@ def _after_norm(net: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
     return h
 
 
-class ViT(nn.Module):
+class ViT(EncoderFeatures, nn.Module):
     """vit-pytorch's ViT: same constructor, module tree and state-dict keys (2-D pos_embedding of
     L + cls rows). pool='cls' adds pos rows to [cls, patches] in order, as vit-pytorch does."""
 
@@ -129,12 +154,26 @@ class ViT(nn.Module):
         check_images(img, "img", C, lambda h, w: (h, w) == (H, W),
                      f"(batch, {C}, {H}, {W}) for this ViT (image_size={self.image_size}, channels={C})")
 
-    def forward(self, img):
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the transformer's layers (timm's name)."""
+        self.transformer.grad_checkpointing = grad_checkpointing_arg(enable)
+
+    def _embed(self, img):
         self.check_input(img)
         x = self.to_patch_embedding(img)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        x = self.dropout(x + self.pos_embedding[: x.shape[1]])
-        x = self.transformer(x)
+        return self.dropout(x + self.pos_embedding[: x.shape[1]])
+
+    def _feature_stack(self, img, interpolate_pos_encoding) -> FeatureStack:
+        if interpolate_pos_encoding is not False:
+            raise ValueError("interpolate_pos_encoding: this ViT takes its own image_size only")
+        layers, (H, W), (ph, pw) = self.transformer.layers, self.image_size, self.patch_size
+        return FeatureStack(self._embed(img), [partial(_layer, attn, ff) for attn, ff in layers],
+                            lambda i, x: attention_map(layers[i][0], x), self.transformer.norm,
+                            self.cls_token.shape[0], (H // ph, W // pw), self.transformer.grad_checkpointing)
+
+    def forward(self, img):
+        x = self.transformer(self._embed(img))
         if self.mlp_head is None:
             return x
         x = x.mean(dim=1) if self.pool == "mean" else x[:, 0]
