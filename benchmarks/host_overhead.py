@@ -43,11 +43,13 @@ def _no_op_kernels():
     e = torch.empty
 
     def fwd(x, delta, w, b, eps, res_dtype, out_dtype):
-        return e(x.shape, dtype=res_dtype), e(x.shape, dtype=out_dtype), e(x.shape[0]), e(x.shape[0])
+        lead = x.shape[:-1]
+        return e(x.shape, dtype=res_dtype), e(x.shape, dtype=out_dtype), e(lead), e(lead)
 
     def bwd(g_res, g_n, res, w, has_bias, mean, rstd, x_dtype, delta_dtype):
         gd = None if delta_dtype == x_dtype else e(res.shape, dtype=delta_dtype)
-        return e(res.shape, dtype=x_dtype), gd, e(res.shape[1]), e(res.shape[1]) if has_bias else None
+        D = res.shape[-1]
+        return e(res.shape, dtype=x_dtype), gd, e(D), e(D) if has_bias else None
 
     return types.SimpleNamespace(MAX_D=1 << 16, add_layer_norm_fwd=fwd, add_layer_norm_bwd=bwd)
 

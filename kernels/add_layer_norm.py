@@ -5,7 +5,8 @@ Tensors in, tensors out: no validation here (mae_fast/ops/add_layer_norm.py does
     residual = x + delta                      (fp32 arithmetic, stored in residual's dtype)
     normed   = LayerNorm(residual as stored)  (fp32, biased variance; stored in normed's dtype)
 
-Inputs are (rows, D) with a row stride and unit column stride; every output is contiguous.
+Inputs are rows of D: (rows, D) with a row stride and unit column stride, or contiguous (..., D)
+tensors (rows = numel / D, no reshape needed); every output is contiguous, shaped like the input.
 The statistics come from the ROUNDED stored residual, so normed equals eager layer_norm of the
 residual tensor the caller gets back; kernels/stats.py computes them, finite for any finite
 residual (a plain fp32 variance overflows past ~2**64, where F.layer_norm gives NaN). Loads are
@@ -16,11 +17,13 @@ mean and rstd. grad_weight / grad_bias are deterministic: each program sums its 
 run of rows into one row of a (programs, D) fp32 buffer, which the caller reduces in a fixed
 order. No atomics.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from . import on_tensor_device
+from . import cdiv, next_power_of_2, on_tensor_device
 from .stats import normalize_rows
 
 # Allocator of every buffer the kernels write (a module attribute so tests can NaN-poison it).
@@ -30,11 +33,12 @@ empty = torch.empty
 MAX_D = 65536
 
 
+@functools.lru_cache(maxsize=256)  # a few shapes per run; computed on every launch otherwise
 def _block_config(D, rows):
     """(BLOCK_R, BLOCK_D, num_warps): BLOCK_R whole rows per program, ~1K elements (one row for
     D >= 1024; 16 rows of D = 64), warps as kernels/patchify.py sizes them."""
-    block_d = triton.next_power_of_2(max(int(D), 1))
-    block_r = max(1, min(triton.next_power_of_2(max(int(rows), 1)), 1024 // block_d))
+    block_d = next_power_of_2(max(int(D), 1))
+    block_r = max(1, min(next_power_of_2(max(int(rows), 1)), 1024 // block_d))
     n = block_r * block_d
     num_warps = 2 if n <= 512 else 4 if n <= 2048 else 8 if n <= 8192 else 16
     return block_r, block_d, num_warps
@@ -115,58 +119,72 @@ def _add_layer_norm_bwd_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _bwd_programs(device, n_blocks):
     """Programs of the backward: a few waves of the GPU (fewer partial rows to reduce than one
     program per row block); 4 under the interpreter. Fixed per device and shape: deterministic."""
     if device.type == "cuda":
-        return min(n_blocks, 8 * torch.cuda.get_device_properties(device).multi_processor_count)
+        return min(n_blocks, 8 * _sm_count(device))
     return min(n_blocks, 4)
+
+
+def _row_stride(t, D):
+    """The stride between rows of t: (rows, D) with any row stride, or contiguous (..., D)."""
+    return t.stride(0) if t.dim() == 2 else D
 
 
 @on_tensor_device
 def add_layer_norm_fwd(x, delta, weight, bias, eps, res_dtype, out_dtype):
-    """x, delta (rows, D) with unit column stride; weight, bias (D,) (bias may be None).
-    Returns contiguous (residual (rows, D) res_dtype, normed (rows, D) out_dtype,
-    mean (rows,) fp32, rstd (rows,) fp32)."""
-    n_rows, D = x.shape
+    """x, delta: rows of D (see above), x's shape (..., D) given to the outputs; weight, bias (D,)
+    contiguous (bias may be None). Returns contiguous (residual like x in res_dtype, normed like x in
+    out_dtype, mean x.shape[:-1] fp32, rstd x.shape[:-1] fp32)."""
+    shape = tuple(x.shape)  # torch.empty takes a tuple faster than a torch.Size
+    D = shape[-1]
+    n_rows = x.numel() // D
     dev = x.device
-    res = empty((n_rows, D), device=dev, dtype=res_dtype)
-    out = empty((n_rows, D), device=dev, dtype=out_dtype)
-    mean = empty((n_rows,), device=dev, dtype=torch.float32)
-    rstd = empty((n_rows,), device=dev, dtype=torch.float32)
+    res = empty(shape, device=dev, dtype=res_dtype)
+    out = empty(shape, device=dev, dtype=out_dtype)
+    mean = empty(shape[:-1], device=dev, dtype=torch.float32)
+    rstd = empty(shape[:-1], device=dev, dtype=torch.float32)
     if n_rows == 0:
         return res, out, mean, rstd
     block_r, block_d, num_warps = _block_config(D, n_rows)
-    _add_layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+    _add_layer_norm_fwd_kernel[(cdiv(n_rows, block_r),)](
         x, delta, weight, weight if bias is None else bias, res, out, mean, rstd,
-        n_rows, D, x.stride(0), delta.stride(0), float(eps),
+        n_rows, D, _row_stride(x, D), _row_stride(delta, D), float(eps),
         HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
     return res, out, mean, rstd
 
 
 @on_tensor_device
 def add_layer_norm_bwd(grad_res, grad_normed, residual, weight, has_bias, mean, rstd, x_dtype, delta_dtype):
-    """grad_res (rows, D) or None, grad_normed (rows, D), both with unit column stride; residual
-    contiguous (rows, D); mean, rstd (rows,) fp32. Returns (grad_x (rows, D) x_dtype,
-    grad_delta (rows, D) delta_dtype or None when the dtypes agree (grad_x serves both),
-    grad_weight (D,) fp32, grad_bias (D,) fp32 or None)."""
-    n_rows, D = residual.shape
+    """grad_res (or None) and grad_normed: rows of D (see above); residual contiguous (..., D); mean,
+    rstd contiguous fp32, one value per row. Returns (grad_x like residual in x_dtype, grad_delta
+    like residual in delta_dtype or None when the dtypes agree (grad_x serves both), grad_weight
+    (D,) fp32, grad_bias (D,) fp32 or None)."""
+    shape = tuple(residual.shape)
+    D = shape[-1]
+    n_rows = residual.numel() // D
     dev = residual.device
-    gx = empty((n_rows, D), device=dev, dtype=x_dtype)
-    gd = empty((n_rows, D), device=dev, dtype=delta_dtype) if delta_dtype != x_dtype else None
+    gx = empty(shape, device=dev, dtype=x_dtype)
+    gd = empty(shape, device=dev, dtype=delta_dtype) if delta_dtype != x_dtype else None
     if n_rows == 0:
         gw = torch.zeros(D, device=dev, dtype=torch.float32)
         return gx, gd, gw, gw.clone() if has_bias else None
     block_r, block_d, num_warps = _block_config(D, n_rows)
-    programs = _bwd_programs(dev, triton.cdiv(n_rows, block_r))
-    rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), block_r) * block_r
-    programs = triton.cdiv(n_rows, rows_per_program)
+    programs = _bwd_programs(dev, cdiv(n_rows, block_r))
+    rows_per_program = cdiv(cdiv(n_rows, programs), block_r) * block_r
+    programs = cdiv(n_rows, rows_per_program)
     gw_part = empty((programs, D), device=dev, dtype=torch.float32)
     gb_part = empty((programs, D), device=dev, dtype=torch.float32) if has_bias else None
     _add_layer_norm_bwd_kernel[(programs,)](
         grad_normed if grad_res is None else grad_res, grad_normed, residual, weight, mean, rstd,
         gx, gx if gd is None else gd, gw_part, gw_part if gb_part is None else gb_part,
-        n_rows, D, 0 if grad_res is None else grad_res.stride(0), grad_normed.stride(0), rows_per_program,
+        n_rows, D, 0 if grad_res is None else _row_stride(grad_res, D), _row_stride(grad_normed, D), rows_per_program,
         HAS_GRES=grad_res is not None, TWO_OUT=gd is not None, HAS_BIAS=has_bias,
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
     return gx, gd, gw_part.sum(0), None if gb_part is None else gb_part.sum(0)

@@ -21,11 +21,13 @@ MAE's sequences are short (50 tokens in the encoder, 197 in the decoder): every 
 a few blocks only, so the grid (query or key blocks x B * H) is what fills the GPU.
 fp32 inputs take IEEE fp32 products (not TF32), so fp32 results meet fp32 tolerances.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from . import on_tensor_device, within_int32
+from . import cdiv, next_power_of_2, on_tensor_device, within_int32
 
 # Allocator of every buffer the kernels write (a module attribute so tests can NaN-poison it).
 empty = torch.empty
@@ -40,14 +42,15 @@ _LOG2E = 1.4426950408889634
 ONE_PASS_BWD = True
 
 
+@functools.lru_cache(maxsize=256)  # a few shapes per run; computed on every launch otherwise
 def _config(N, d, dtype):
     """(BLOCK_M, BLOCK_N, D_PAD, num_warps): square blocks, no longer than the sequence needs and at
     least 16 (the smallest tl.dot), 8 warps from d = 64 up. 16-bit inputs take tensor-core blocks
     of 64 (32 past d = 64); fp32 inputs (IEEE products on FMA units) 32 (16 past d = 16): larger
     ones run out of registers (ptxas, tests/test_triton_compile.py)."""
-    d_pad = max(16, triton.next_power_of_2(int(d)))
+    d_pad = max(16, next_power_of_2(int(d)))
     cap = (64 if d_pad <= 64 else 32) if dtype != torch.float32 else (32 if d_pad <= 16 else 16)
-    block = max(16, min(cap, triton.next_power_of_2(int(N))))
+    block = max(16, min(cap, next_power_of_2(int(N))))
     return block, block, d_pad, 4 if d_pad <= 32 else 8
 
 
@@ -207,7 +210,7 @@ def attention_fwd(qkv, heads):
         return out, lse
     bm, bn, d_pad, warps = _config(N, d, qkv.dtype)
     sm_scale = d ** -0.5
-    _attn_fwd_kernel[(B * heads * triton.cdiv(N, bm),)](
+    _attn_fwd_kernel[(B * heads * cdiv(N, bm),)](
         qkv, out, lse, heads, N, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), sm_scale * _LOG2E,
         HEAD_D=d, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn, PRECISION=_precision(qkv.dtype), num_warps=warps)
     return out, lse
@@ -234,6 +237,6 @@ def attention_bwd(grad_out, qkv, out, lse, heads):
             out.stride(1), grad_out.stride(0), grad_out.stride(1), dqkv.stride(0), dqkv.stride(1),
             sm_scale * _LOG2E, sm_scale)
     if not one_pass:
-        _attn_bwd_dq_kernel[(B * heads * triton.cdiv(N, bm),)](*args, **meta)
-    _attn_bwd_dkv_kernel[(B * heads * triton.cdiv(N, bn),)](*args, WITH_DQ=one_pass, **meta)
+        _attn_bwd_dq_kernel[(B * heads * cdiv(N, bm),)](*args, **meta)
+    _attn_bwd_dkv_kernel[(B * heads * cdiv(N, bn),)](*args, WITH_DQ=one_pass, **meta)
     return dqkv

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import NORM_PIX_EPS, on_tensor_device, within_int32
+from . import NORM_PIX_EPS, cdiv, on_tensor_device, within_int32
 from .patchify import _batch_and_row_block, _block_config, _patch_offsets
 from .stats import normalize_rows
 
@@ -161,7 +161,7 @@ def masked_mse_loss_fwd(pred, imgs, mask, ids, ph, pw, norm_pix=False, out_dtype
     Exactly one of mask (B, L) / ids (B, M) is given."""
     pred, imgs = within_int32(pred), within_int32(imgs)
     a = _launch_args(pred, imgs, mask, ids, ph, pw)
-    n_r = triton.cdiv(a["R"], a["block_r"])
+    n_r = cdiv(a["R"], a["block_r"])
     n = n_r * a["B"]
     part = empty(n, device=pred.device, dtype=torch.float32)
     wpart = empty(n, device=pred.device, dtype=torch.float32) if mask is not None else part
@@ -187,7 +187,7 @@ def masked_mse_loss_bwd(grad_loss, denom, pred, imgs, mask, ids, ph, pw, norm_pi
     gpred = empty(pred.shape, device=pred.device, dtype=pred.dtype)
     if gpred.numel() == 0:
         return gpred
-    n_r = triton.cdiv(a["R"], a["block_r"])
+    n_r = cdiv(a["R"], a["block_r"])
     _masked_mse_loss_bwd_kernel[(a["B"] * n_r,)](
         grad_loss, denom, pred, imgs, a["w"], a["ids"], gpred, a["R"], a["L"], a["gw"], a["P"],
         *pred.stride(), *imgs.stride(), *a["s_w"], *a["s_d"], NORM_PIX_EPS,

@@ -14,11 +14,13 @@ kernels/stats.py, finite for any finite patch.
 Index safety: a patch id outside [0, L) never reads or writes outside a tensor. The gather writes
 a row of NaN for it (so bad ids are loud even without validation); the scatter drops it.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from . import NORM_PIX_EPS, fits_int32, on_tensor_device, within_int32
+from . import NORM_PIX_EPS, cdiv, fits_int32, next_power_of_2, on_tensor_device, within_int32
 from .stats import normalize_rows
 
 
@@ -28,13 +30,14 @@ empty = torch.empty
 empty_like = torch.empty_like
 
 
+@functools.lru_cache(maxsize=256)  # a few shapes per run; computed on every launch otherwise
 def _block_config(P, rows):
     """(BLOCK_R, BLOCK_P, num_warps): one program holds BLOCK_R whole patch rows.
 
     About 4K elements per program (ViT-B/16 and ViT-L/16: P = 768 -> 4 rows of 1024 lanes,
     8 warps); small patches batch more rows, huge patches (32x32x13) take one row each."""
-    block_p = triton.next_power_of_2(max(int(P), 1))
-    block_r = max(1, min(triton.next_power_of_2(max(int(rows), 1)), 4096 // block_p, 64))
+    block_p = next_power_of_2(max(int(P), 1))
+    block_r = max(1, min(next_power_of_2(max(int(rows), 1)), 4096 // block_p, 64))
     n = block_r * block_p
     num_warps = 2 if n <= 512 else 4 if n <= 2048 else 8 if n <= 8192 else 16
     return block_r, block_p, num_warps
@@ -164,7 +167,7 @@ def patchify_gather_fwd(imgs, ids, ph, pw, norm_pix=False, out=None):
         return out
     block_r, block_p, num_warps = _block_config(P, K)
     ids_arg, s_db, s_dk = (imgs, 0, 0) if ids is None else (ids, ids.stride(0), ids.stride(1))
-    grid = (B * triton.cdiv(K, block_r),)
+    grid = (B * cdiv(K, block_r),)
     _patchify_gather_fwd_kernel[grid](
         imgs, ids_arg, out, K, L, gw, P, *imgs.stride(), s_db, s_dk, NORM_PIX_EPS,
         C=C, PH=ph, PW=pw, HAS_IDS=ids is not None, NORM=bool(norm_pix),
@@ -191,7 +194,7 @@ def patchify_gather_bwd(grad, imgs, inv, ph, pw, norm_pix=False, out=None, image
     block_r, block_p, num_warps = _block_config(P, L)
     img = within_int32(imgs) if (norm_pix and imgs is not None) else out
     inv_arg, s_vb, s_vl = (out, 0, 0) if inv is None else (inv, inv.stride(0), inv.stride(1))
-    grid = (B * triton.cdiv(L, block_r),)
+    grid = (B * cdiv(L, block_r),)
     _patchify_gather_bwd_kernel[grid](
         grad, img, inv_arg, out, K, L, gw, P, *grad.stride(), *img.stride(), *out.stride(),
         s_vb, s_vl, NORM_PIX_EPS,
@@ -200,13 +203,11 @@ def patchify_gather_bwd(grad, imgs, inv, ph, pw, norm_pix=False, out=None, image
     return out
 
 
-@on_tensor_device
 def patchify_fwd(imgs, ph, pw):
     """(B, C, H, W) -> (B, L, ph*pw*C)."""
     return patchify_gather_fwd(imgs, None, ph, pw)
 
 
-@on_tensor_device
 def unpatchify_fwd(x, ph, pw, H, W, out=None):
     """(B, L, ph*pw*C) -> (B, C, H, W), contiguous unless out is given."""
     if out is None:

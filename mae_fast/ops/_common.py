@@ -26,6 +26,15 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FLOAT_NAMES = "float32, float16, bfloat16 or float64"
 INDEX_DTYPES = (torch.int32, torch.int64)
 
+# Device types whose index and mask values every call checks: reading them there is no sync. Other
+# devices check only with validate=True (a host sync on CUDA).
+VALUE_CHECKED_DEVICES = frozenset({"cpu"})
+
+
+def checks_values(t: Tensor, validate: bool) -> bool:
+    """Whether a call with tensor t checks index or mask values (see VALUE_CHECKED_DEVICES)."""
+    return validate or t.device.type in VALUE_CHECKED_DEVICES
+
 # ----------------------------------------------------------------------------- the compiled extension
 
 _BUILD_INFO = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_build_info.json")
@@ -165,10 +174,71 @@ def _no_context(ctx, inputs, output) -> None:
     pass
 
 
+# ----------------------------------------------------------------------------- eager calls
+
+# A custom op's call through torch.library (default filling, alias checks, a Python autograd layer
+# and two redispatches per direction) costs more host time than the eager torch ops a fused op
+# replaces, and an eager GPU step whose host runs behind its GPU waits on every microsecond of it
+# (benchmarks/op_host_overhead.py measures it). So eager calls whose kernels run take an
+# autograd.Function that calls the op's implementation, setup_context and backward directly; under
+# torch.compile and functorch transforms, and on the fallback paths (where dispatch modes such as
+# benchmarks/step_traffic.py see the one op), the custom op runs. Both run the same functions.
+
+_IMPLS: dict = {}  # "<op>" -> the Python implementation of mae_fast::<op>
+
+
+def eager_impl(name: str):
+    """Decorator: fn is the implementation of mae_fast::<name>, which eager backwards call directly."""
+    def register(fn):
+        _IMPLS[name] = fn
+        return fn
+    return register
+
+
+def below_autograd(op):
+    """op (an OpOverload) called past its autograd kernel, straight to its CPU or CUDA kernel."""
+    def call(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return call
+
+
+def run_eagerly() -> bool:
+    """Whether an op whose kernels run may skip torch.library's dispatch (see above)."""
+    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
+def eager_function(name: str, setup, backward) -> type:
+    """mae_fast::<name> as an autograd.Function: its eager_impl, then setup(ctx, inputs, output) and
+    backward(ctx, *grads) as registered with torch.library. Backwards call their ops through
+    backward_op, which gives them the implementations here."""
+    impl = _IMPLS[name]
+
+    def forward(ctx, *inputs):
+        output = impl(*inputs)
+        setup(ctx, inputs, output)
+        ctx.eager = True
+        return output
+
+    return type(f"{name}_eager", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+def backward_op(ctx, name: str):
+    """What a backward calls for mae_fast::<name>: in an eager Function its implementation; otherwise,
+    and with create_graph=True (grad mode on: the op's own autograd then refuses or takes the
+    second backward), the op."""
+    if getattr(ctx, "eager", False) and not torch.is_grad_enabled():
+        return _IMPLS[name]
+    return getattr(torch.ops.mae_fast, name)
+
+
 # ----------------------------------------------------------------------------- argument checks
 
 def pair_arg(value, name: str) -> tuple[int, int]:
     """int or (int, int) of positive ints -> (a, b); TypeError / ValueError naming `name`."""
+    if type(value) is int and value >= 1:  # the common case, without building tuples to check
+        return value, value
     vals = tuple(value) if isinstance(value, (tuple, list, torch.Size)) else (value, value)
     if len(vals) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -247,7 +317,7 @@ def check_ids(ids, imgs: Tensor, L: int, name: str = "ids") -> None:
 def check_ids_values(ids: Tensor, L: int, validate: bool, name: str = "ids") -> None:
     """Range check [0, L) and distinct ids per row (the backward needs them distinct). Runs on CPU
     tensors always (no sync there) and on CUDA only when validate=True (it syncs the host)."""
-    if ids.device.type != "cpu" and not validate:
+    if not checks_values(ids, validate):
         return
     if ids.numel() and bool(((ids < 0) | (ids >= L)).any()):
         raise ValueError(f"{name} must be patch indices in [0, L={L}), got values in "

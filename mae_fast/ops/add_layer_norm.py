@@ -10,6 +10,7 @@ Ops (torch.library custom ops with fake implementations):
 mean and rstd (x.shape[:-1], fp32; fp64 on the float64 path) are saved for the backward, which
 recomputes xhat from the stored residual. grad_delta is a (0,) tensor when delta has x's dtype
 (grad_x serves both: a custom op may not return one tensor twice), grad_bias is (0,) without bias.
+Eager calls whose kernels run skip torch.library's dispatch (_common.run_eagerly).
 Dispatch as every Triton op (mae_fast/ops/_common.py): Triton on CUDA, Triton interpreted on CPU with
 TRITON_INTERPRET on, a PyTorch fallback otherwise, always for a float64 residual and for D > MAX_D,
 and on CPU where any of x, delta or the normed result is bfloat16.
@@ -21,14 +22,21 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import (FLOAT_DTYPES, FLOAT_NAMES, check_device, check_float, compute_dtype,
-                      normalize_rows, refuse_double_backward, triton_kernels)
+from ._common import (FLOAT_DTYPES, FLOAT_NAMES, backward_op, check_device, check_float, compute_dtype, eager_function,
+                      eager_impl, normalize_rows, refuse_double_backward, run_eagerly, triton_kernels)
 
 
 def _rows(t: Tensor) -> Tensor:
-    """(..., D) -> (rows, D) with unit column stride: a view where the strides allow, else a copy."""
+    """t (..., D) as the kernels read rows: t itself where contiguous (no call on the common path),
+    else (rows, D) with unit column stride (a view where the strides allow, else a copy)."""
+    if t.is_contiguous() and t.dim() > 0:
+        return t
     t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def _kernels(t: Tensor, res_dtype: torch.dtype, *also):
@@ -68,23 +76,26 @@ def add_layer_norm_backward_torch(grad_res, grad_normed, residual, weight, bias,
     if grad_res is not None:
         t = t + grad_res.to(cd)
     gw = (g * xhat).reshape(-1, D).sum(0).to(weight.dtype)
-    gb = g.reshape(-1, D).sum(0).to(bias.dtype) if bias is not None else _empty0(weight)
-    gd = t.to(delta_dtype).contiguous() if delta_dtype != x_dtype else _empty0(residual)
+    gb = g.reshape(-1, D).sum(0).to(bias.dtype) if bias is not None else None
+    gd = t.to(delta_dtype).contiguous() if delta_dtype != x_dtype else None
     return t.to(x_dtype).contiguous(), gd, gw, gb
 
 
 # ----------------------------------------------------------------------------- custom ops
 
+@eager_impl("add_layer_norm")
 def _forward_impl(x, delta, weight, bias, eps, out_dtype):
     res_dtype = torch.promote_types(x.dtype, delta.dtype)
     k = _kernels(x, res_dtype, delta, out_dtype)
     if k is None:
         return add_layer_norm_torch(x, delta, weight, bias, eps, out_dtype or res_dtype)
-    lead = x.shape[:-1]
-    res, out, mean, rstd = k.add_layer_norm_fwd(_rows(x), _rows(delta), weight.contiguous(),
-                                                None if bias is None else bias.contiguous(), eps, res_dtype,
+    rows = _rows(x)
+    res, out, mean, rstd = k.add_layer_norm_fwd(rows, _rows(delta), _dense(weight), _dense(bias), eps, res_dtype,
                                                 out_dtype or res_dtype)
-    return res.view(x.shape), out.view(x.shape), mean.view(lead), rstd.view(lead)
+    if rows is not x:  # x was reshaped to (rows, D)
+        lead = x.shape[:-1]
+        return res.view(x.shape), out.view(x.shape), mean.view(lead), rstd.view(lead)
+    return res, out, mean, rstd
 
 
 @torch.library.custom_op("mae_fast::add_layer_norm", mutates_args=())
@@ -101,17 +112,24 @@ def _(x, delta, weight, bias, eps, out_dtype):
             stats, torch.empty_like(stats))
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+@eager_impl("add_layer_norm_backward")
 def _backward_impl(grad_residual, grad_normed, residual, weight, bias, mean, rstd, x_dtype, delta_dtype):
+    """(grad_x, grad_delta, grad_weight, grad_bias); grad_delta is None where delta has x's dtype
+    (grad_x serves both), grad_bias None without bias."""
     k = _kernels(residual, residual.dtype, x_dtype, delta_dtype, grad_normed)
     if k is None:
         return add_layer_norm_backward_torch(grad_residual, grad_normed, residual, weight, bias, mean, rstd,
                                              x_dtype, delta_dtype)
+    # residual, mean and rstd are contiguous as the forward made them, unless a compiled graph passes
+    # another layout
     gx, gd, gw, gb = k.add_layer_norm_bwd(None if grad_residual is None else _rows(grad_residual),
-                                          _rows(grad_normed), _rows(residual), weight.contiguous(), bias is not None,
-                                          mean.reshape(-1), rstd.reshape(-1), x_dtype, delta_dtype)
-    shape = residual.shape
-    return (gx.view(shape), _empty0(residual) if gd is None else gd.view(shape), gw.to(weight.dtype),
-            _empty0(weight) if gb is None else gb.to(bias.dtype))
+                                          _rows(grad_normed), _dense(residual), _dense(weight), bias is not None,
+                                          _dense(mean), _dense(rstd), x_dtype, delta_dtype)
+    return gx, gd, _cast(gw, weight.dtype), None if gb is None else _cast(gb, bias.dtype)
 
 
 @torch.library.custom_op("mae_fast::add_layer_norm_backward", mutates_args=())
@@ -119,7 +137,10 @@ def _add_layer_norm_backward_op(grad_residual: Optional[Tensor], grad_normed: Te
                                 weight: Tensor, bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
                                 x_dtype: torch.dtype, delta_dtype: torch.dtype
                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _backward_impl(grad_residual, grad_normed, residual, weight, bias, mean, rstd, x_dtype, delta_dtype)
+    gx, gd, gw, gb = _backward_impl(grad_residual, grad_normed, residual, weight, bias, mean, rstd, x_dtype,
+                                    delta_dtype)
+    # a custom op returns tensors: (0,) for the ones not computed
+    return gx, _empty0(residual) if gd is None else gd, gw, _empty0(weight) if gb is None else gb
 
 
 @_add_layer_norm_backward_op.register_fake
@@ -139,44 +160,21 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(residual, weight, bias, mean, rstd)
 
 
-def _grads(ctx, grad_res, grad_normed, backward):
+def _backward(ctx, grad_res, grad_normed, _grad_mean, _grad_rstd):
     residual, weight, bias, mean, rstd = ctx.saved_tensors
     x_dtype, delta_dtype = ctx.dtypes
     if grad_normed is None:  # only the residual stream carries a gradient: the add's backward
         if grad_res is None:
             return None, None, None, None, None, None
-        return grad_res.to(x_dtype), grad_res.to(delta_dtype), None, None, None, None
-    gx, gd, gw, gb = backward(grad_res, grad_normed, residual, weight, bias, mean, rstd, x_dtype, delta_dtype)
+        return _cast(grad_res, x_dtype), _cast(grad_res, delta_dtype), None, None, None, None
+    gx, gd, gw, gb = backward_op(ctx, "add_layer_norm_backward")(grad_res, grad_normed, residual, weight, bias,
+                                                                 mean, rstd, x_dtype, delta_dtype)
     return (gx, gx if delta_dtype == x_dtype else gd, gw, gb if bias is not None else None, None, None)
-
-
-def _backward(ctx, grad_res, grad_normed, _grad_mean, _grad_rstd):
-    return _grads(ctx, grad_res, grad_normed, torch.ops.mae_fast.add_layer_norm_backward)
 
 
 _add_layer_norm_op.register_autograd(_backward, setup_context=_setup)
 refuse_double_backward("add_layer_norm_backward", "mae_fast.ops.add_layer_norm")
-
-
-class _AddLayerNormEager(torch.autograd.Function):
-    """The custom op's forward and backward without torch.library's dispatch, for eager calls that
-    run the kernels: that dispatch (defaults, alias checks, two redispatches per direction) costs
-    host time (benchmarks/host_overhead.py measures it), and an eager GPU step whose host runs
-    behind its GPU waits on every microsecond of it. The same functions compute both ways; under torch.compile, and on the
-    fallback path (where dispatch modes such as benchmarks/step_traffic.py see the one op), the
-    custom op runs."""
-
-    @staticmethod
-    def forward(ctx, x, delta, weight, bias, eps, out_dtype):
-        out = _forward_impl(x, delta, weight, bias, eps, out_dtype)
-        _setup(ctx, (x, delta, weight, bias, eps, out_dtype), out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_res, grad_normed, _grad_mean, _grad_rstd):
-        # with create_graph (grad enabled) through the op, whose autograd refuses a second backward
-        backward = torch.ops.mae_fast.add_layer_norm_backward if torch.is_grad_enabled() else _backward_impl
-        return _grads(ctx, grad_res, grad_normed, backward)
+_AddLayerNormEager = eager_function("add_layer_norm", _setup, _backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -227,7 +225,7 @@ def add_layer_norm(x: Tensor, delta: Tensor, weight: Tensor, bias: Optional[Tens
     """
     _check_args(x, delta, weight, bias, eps, out_dtype)
     res_dtype = torch.promote_types(x.dtype, delta.dtype)
-    eager = not torch.compiler.is_compiling() and _kernels(x, res_dtype, delta, out_dtype) is not None
+    eager = run_eagerly() and _kernels(x, res_dtype, delta, out_dtype) is not None
     op = _AddLayerNormEager.apply if eager else torch.ops.mae_fast.add_layer_norm
     res, normed, _, _ = op(x, delta, weight, bias, float(eps), out_dtype)
     return res, normed

@@ -11,7 +11,8 @@ Ops (torch.library custom ops with fake implementations):
   mae_fast::attention(qkv, heads) -> (out, lse)           with autograd (qkv)
   mae_fast::attention_backward(grad_out, qkv, out, lse, heads) -> grad_qkv
 lse (B * heads, N) fp32 (fp64 on the float64 path) is the rows' log2-sum-exp of the scaled scores,
-saved for the backward. Dispatch as every Triton op (mae_fast/ops/_common.py): Triton on CUDA, Triton
+saved for the backward; eager calls whose kernels run skip torch.library's dispatch
+(_common.run_eagerly). Dispatch as every Triton op (mae_fast/ops/_common.py): Triton on CUDA, Triton
 interpreted on CPU with TRITON_INTERPRET on, a PyTorch fallback otherwise, always for float64 and
 head dims above kernels.attention.MAX_HEAD_DIM, and on CPU for bfloat16.
 """
@@ -22,7 +23,8 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import check_float, compute_dtype, int_arg, refuse_double_backward, triton_kernels
+from ._common import (backward_op, check_float, compute_dtype, eager_function, eager_impl, int_arg,
+                      refuse_double_backward, run_eagerly, triton_kernels)
 
 
 def kernels_for(qkv: Tensor, heads: int):
@@ -73,6 +75,7 @@ def attention_backward_torch(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Te
 
 # ----------------------------------------------------------------------------- custom ops
 
+@eager_impl("attention")
 def _forward_impl(qkv, heads):
     k = kernels_for(qkv, heads)
     if k is None:
@@ -80,6 +83,7 @@ def _forward_impl(qkv, heads):
     return k.attention_fwd(_rowwise(qkv), heads)
 
 
+@eager_impl("attention_backward")
 def _backward_impl(grad_out, qkv, out, lse, heads):
     k = kernels_for(qkv, heads)
     if k is None:
@@ -113,34 +117,22 @@ def _setup(ctx, inputs, output):
     qkv, ctx.heads = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zeros are made for lse's (unused) gradient
     ctx.save_for_backward(qkv, out, lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
+    if grad_out is None:  # no gradient reached out (grads are not materialised as zeros)
+        return None, None
     qkv, out, lse = ctx.saved_tensors
-    return torch.ops.mae_fast.attention_backward(grad_out, qkv, out, lse, ctx.heads), None
+    return backward_op(ctx, "attention_backward")(grad_out, qkv, out, lse, ctx.heads), None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup)
 refuse_double_backward("attention_backward", "mae_fast.ops.attention")
 
 
-class _AttentionEager(torch.autograd.Function):
-    """The custom op without torch.library's dispatch, for eager calls that run the kernels (as
-    add_layer_norm's _AddLayerNormEager: an eager GPU step is host-bound)."""
-
-    @staticmethod
-    def forward(ctx, qkv, heads):
-        output = _forward_impl(qkv, heads)
-        _setup(ctx, (qkv, heads), output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_lse):
-        qkv, out, lse = ctx.saved_tensors
-        # with create_graph (grad enabled) through the op, whose autograd refuses a second backward
-        backward = torch.ops.mae_fast.attention_backward if torch.is_grad_enabled() else _backward_impl
-        return backward(grad_out, qkv, out, lse, ctx.heads), None
+_AttentionEager = eager_function("attention", _setup, _backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -162,7 +154,7 @@ def attention(qkv: Tensor, num_heads: int) -> Tensor:
     if qkv.dim() != 3 or qkv.shape[-1] == 0 or qkv.shape[-1] % (3 * heads):
         raise ValueError(f"qkv must have shape (B, N, 3 * num_heads * d) with d >= 1 (num_heads = {heads}), "
                          f"got {tuple(qkv.shape)}")
-    if not torch.compiler.is_compiling() and kernels_for(qkv, heads) is not None:
+    if run_eagerly() and kernels_for(qkv, heads) is not None:
         return _AttentionEager.apply(qkv, heads)[0]
     return torch.ops.mae_fast.attention(qkv, heads)[0]
 

@@ -8,7 +8,8 @@ Ops (torch.library custom ops with fake implementations):
 denom is the fp32 normaliser (P * mask.sum() or B * M * P), returned so the backward needs no
 second reduction. Dispatch as every Triton op (mae_fast/ops/_common.py): Triton on CUDA, Triton
 interpreted on CPU with TRITON_INTERPRET on, a vectorised PyTorch fallback otherwise (and always for
-float64, and on CPU for bfloat16).
+float64, and on CPU for bfloat16). Eager calls whose kernels run skip torch.library's dispatch
+(_common.run_eagerly).
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import (FLOAT_DTYPES, FLOAT_NAMES, check_device, check_floating_point, check_ids, check_ids_values,
-                      check_imgs, check_norm_pix, check_tensor, compute_dtype, gather_rows, refuse_double_backward,
-                      triton_kernels)
+from ._common import (FLOAT_DTYPES, FLOAT_NAMES, backward_op, check_device, check_floating_point, check_ids,
+                      check_ids_values, check_imgs, check_norm_pix, check_tensor, checks_values, compute_dtype,
+                      eager_function, eager_impl, gather_rows, refuse_double_backward, run_eagerly, triton_kernels)
 from .patchify import norm_pix_torch, patchify_torch
 
 
@@ -30,7 +31,7 @@ def _loss_dtype(pred: Tensor, imgs: Tensor, mask: Optional[Tensor]) -> torch.dty
 
 
 def _check_mask_values(mask: Tensor, validate: bool) -> None:
-    if mask.device.type != "cpu" and not validate:
+    if not checks_values(mask, validate):
         return
     if not bool(torch.isfinite(mask).all()):
         raise ValueError("mask must be finite (1 = removed, 0 = kept); got NaN or inf")
@@ -78,18 +79,29 @@ def masked_mse_loss_backward_torch(grad, pred, imgs, mask, ids, denom, ph, pw, n
 
 # ----------------------------------------------------------------------------- custom ops
 
-@torch.library.custom_op("mae_fast::masked_mse_loss", mutates_args=())
-def _masked_mse_loss_op(pred: Tensor, imgs: Tensor, mask: Optional[Tensor], ids: Optional[Tensor],
-                        ph: int, pw: int, norm_pix: bool, validate: bool) -> tuple[Tensor, Tensor]:
+def _kernels(pred: Tensor, imgs: Tensor, *also):
+    """The kernel module for a loss of pred against imgs, or None for the fallback (float64 images too)."""
+    k = triton_kernels("masked_mse_loss", pred, imgs, *also)
+    return k if k is not None and imgs.dtype != torch.float64 else None
+
+
+@eager_impl("masked_mse_loss")
+def _masked_mse_loss_impl(pred, imgs, mask, ids, ph, pw, norm_pix, validate):
     if mask is not None:
         _check_mask_values(mask, validate)
     else:
         check_ids_values(ids, (imgs.shape[2] // ph) * (imgs.shape[3] // pw), validate)
     loss_dtype = _loss_dtype(pred, imgs, mask)
-    k = triton_kernels("masked_mse_loss", pred, imgs, mask, loss_dtype)
-    if k is not None and imgs.dtype != torch.float64:
+    k = _kernels(pred, imgs, mask, loss_dtype)
+    if k is not None:
         return k.masked_mse_loss_fwd(pred, imgs, mask, ids, ph, pw, norm_pix, loss_dtype)
     return masked_mse_loss_torch(pred, imgs, mask, ids, ph, pw, norm_pix)
+
+
+@torch.library.custom_op("mae_fast::masked_mse_loss", mutates_args=())
+def _masked_mse_loss_op(pred: Tensor, imgs: Tensor, mask: Optional[Tensor], ids: Optional[Tensor],
+                        ph: int, pw: int, norm_pix: bool, validate: bool) -> tuple[Tensor, Tensor]:
+    return _masked_mse_loss_impl(pred, imgs, mask, ids, ph, pw, norm_pix, validate)
 
 
 @_masked_mse_loss_op.register_fake
@@ -98,14 +110,19 @@ def _(pred, imgs, mask, ids, ph, pw, norm_pix, validate):
             pred.new_empty((), dtype=torch.float32))
 
 
+@eager_impl("masked_mse_loss_backward")
+def _masked_mse_loss_backward_impl(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix):
+    k = _kernels(pred, imgs, mask, grad)
+    if k is not None:
+        return k.masked_mse_loss_bwd(grad, denom, pred, imgs, mask, ids, ph, pw, norm_pix)
+    return masked_mse_loss_backward_torch(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix)
+
+
 @torch.library.custom_op("mae_fast::masked_mse_loss_backward", mutates_args=())
 def _masked_mse_loss_backward_op(grad: Tensor, pred: Tensor, imgs: Tensor, mask: Optional[Tensor],
                                  ids: Optional[Tensor], denom: Tensor, ph: int, pw: int,
                                  norm_pix: bool) -> Tensor:
-    k = triton_kernels("masked_mse_loss", pred, imgs, mask, grad)
-    if k is not None and imgs.dtype != torch.float64:
-        return k.masked_mse_loss_bwd(grad, denom, pred, imgs, mask, ids, ph, pw, norm_pix)
-    return masked_mse_loss_backward_torch(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix)
+    return _masked_mse_loss_backward_impl(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix)
 
 
 @_masked_mse_loss_backward_op.register_fake
@@ -118,23 +135,28 @@ refuse_double_backward("masked_mse_loss_backward", "mae_fast.ops.masked_mse_loss
 
 def _setup(ctx, inputs, output):
     pred, imgs, mask, ids, ctx.ph, ctx.pw, ctx.norm_pix, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zeros are made for denom's (unused) gradient
     ctx.save_for_backward(pred, imgs, mask, ids, output[1])
 
 
 def _backward(ctx, grad, _grad_denom):
+    if grad is None:  # no gradient reached the loss (grads are not materialised as zeros)
+        return None, None, None, None, None, None, None, None
     pred, imgs, mask, ids, denom = ctx.saved_tensors
     gp = gi = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        gp = torch.ops.mae_fast.masked_mse_loss_backward(grad, pred, imgs, mask, ids, denom,
-                                                         ctx.ph, ctx.pw, ctx.norm_pix)
+        gp = backward_op(ctx, "masked_mse_loss_backward")(grad, pred, imgs, mask, ids, denom,
+                                                          ctx.ph, ctx.pw, ctx.norm_pix)
     if ctx.needs_input_grad[1]:
         # d loss / d target rows = -gp; back to image layout (through norm-pix) like patchify_gather.
-        gi = torch.ops.mae_fast.patchify_gather_backward(-gp.to(imgs.dtype), imgs, ids, ctx.ph, ctx.pw,
-                                                         ctx.norm_pix)
+        gi = backward_op(ctx, "patchify_gather_backward")(-gp.to(imgs.dtype), imgs, ids, ctx.ph, ctx.pw,
+                                                          ctx.norm_pix)
     return (gp if ctx.needs_input_grad[0] else None), gi, None, None, None, None, None, None
 
 
 _masked_mse_loss_op.register_autograd(_backward, setup_context=_setup)
+_MaskedMSELossEager = eager_function("masked_mse_loss", _setup, _backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -204,7 +226,9 @@ def masked_mse_loss(pred: Tensor, imgs: Tensor, patch_size, *, mask: Optional[Te
     non-finite patch, kept or not: every patch's normalisation is differentiated.)
     """
     ph, pw, mask = _check_args(pred, imgs, patch_size, mask, ids, norm_pix)
-    loss, _ = torch.ops.mae_fast.masked_mse_loss(pred, imgs, mask, ids, ph, pw, bool(norm_pix), bool(validate))
+    eager = run_eagerly() and _kernels(pred, imgs, mask) is not None
+    op = _MaskedMSELossEager.apply if eager else torch.ops.mae_fast.masked_mse_loss
+    loss, _ = op(pred, imgs, mask, ids, ph, pw, bool(norm_pix), bool(validate))
     return loss
 
 

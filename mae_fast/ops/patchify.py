@@ -9,7 +9,7 @@ with P = ph * pw * C, L = (H / ph) * (W / pw), features in (p, q, c) order (docs
 
 Dispatch (mae_fast/ops/_common.py): the Triton kernels of mae_fast.kernels.patchify on CUDA, and on
 CPU under TRITON_INTERPRET (but not for bfloat16); a vectorised PyTorch fallback otherwise and always
-for float64.
+for float64. Eager calls whose kernels run skip torch.library's dispatch (_common.run_eagerly).
 
 Validation: shapes, dtypes and devices are checked in the public functions (no tensor values, so
 torch.compile traces them without graph breaks). Index ranges are value checks: on CPU they always
@@ -24,8 +24,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import (NORM_PIX_EPS, check_floating_point, check_ids, check_ids_values, check_imgs, check_norm_pix,
-                      compute_dtype, gather_rows, normalize_rows, pair_arg, refuse_double_backward, triton_kernels)
+from ._common import (NORM_PIX_EPS, backward_op, check_floating_point, check_ids, check_ids_values, check_imgs,
+                      check_norm_pix, compute_dtype, eager_function, eager_impl, gather_rows, normalize_rows, pair_arg,
+                      refuse_double_backward, run_eagerly, triton_kernels)
 
 
 # ----------------------------------------------------------------------------- PyTorch fallback
@@ -91,12 +92,22 @@ def patchify_gather_backward_torch(grad: Tensor, imgs: Tensor, ids: Optional[Ten
 
 # ----------------------------------------------------------------------------- custom ops
 
-@torch.library.custom_op("mae_fast::patchify", mutates_args=())
-def _patchify_op(imgs: Tensor, ph: int, pw: int) -> Tensor:
+def _eager(t: Tensor) -> bool:
+    """Whether a call on t skips torch.library's dispatch (_common.run_eagerly): its kernels run."""
+    return run_eagerly() and triton_kernels("patchify", t) is not None
+
+
+@eager_impl("patchify")
+def _patchify_impl(imgs, ph, pw):
     k = triton_kernels("patchify", imgs)
     if k is not None:
         return k.patchify_fwd(imgs, ph, pw)
     return patchify_torch(imgs, ph, pw)
+
+
+@torch.library.custom_op("mae_fast::patchify", mutates_args=())
+def _patchify_op(imgs: Tensor, ph: int, pw: int) -> Tensor:
+    return _patchify_impl(imgs, ph, pw)
 
 
 @_patchify_op.register_fake
@@ -111,19 +122,24 @@ def _patchify_setup(ctx, inputs, output):
 
 
 def _patchify_backward(ctx, grad):
-    return torch.ops.mae_fast.unpatchify(grad, ctx.ph, ctx.pw, *ctx.image_size), None, None
+    return backward_op(ctx, "unpatchify")(grad, ctx.ph, ctx.pw, *ctx.image_size), None, None
 
 
 _patchify_op.register_autograd(_patchify_backward, setup_context=_patchify_setup)
 
 
-@torch.library.custom_op("mae_fast::unpatchify", mutates_args=())
-def _unpatchify_op(x: Tensor, ph: int, pw: int, H: int, W: int) -> Tensor:
+@eager_impl("unpatchify")
+def _unpatchify_impl(x, ph, pw, H, W):
     k = triton_kernels("patchify", x)
     if k is not None:
         return k.unpatchify_fwd(x, ph, pw, H, W)
     B, L, P = x.shape
     return unpatchify_into(x, ph, pw, x.new_empty((B, P // (ph * pw), H, W)))
+
+
+@torch.library.custom_op("mae_fast::unpatchify", mutates_args=())
+def _unpatchify_op(x: Tensor, ph: int, pw: int, H: int, W: int) -> Tensor:
+    return _unpatchify_impl(x, ph, pw, H, W)
 
 
 @_unpatchify_op.register_fake
@@ -137,20 +153,24 @@ def _unpatchify_setup(ctx, inputs, output):
 
 
 def _unpatchify_backward(ctx, grad):
-    return torch.ops.mae_fast.patchify(grad, ctx.ph, ctx.pw), None, None, None, None
+    return backward_op(ctx, "patchify")(grad, ctx.ph, ctx.pw), None, None, None, None
 
 
 _unpatchify_op.register_autograd(_unpatchify_backward, setup_context=_unpatchify_setup)
 
 
-@torch.library.custom_op("mae_fast::patchify_gather", mutates_args=())
-def _patchify_gather_op(imgs: Tensor, ids: Tensor, ph: int, pw: int, norm_pix: bool, validate: bool) -> Tensor:
-    L = (imgs.shape[2] // ph) * (imgs.shape[3] // pw)
-    check_ids_values(ids, L, validate)
+@eager_impl("patchify_gather")
+def _patchify_gather_impl(imgs, ids, ph, pw, norm_pix, validate):
+    check_ids_values(ids, (imgs.shape[2] // ph) * (imgs.shape[3] // pw), validate)
     k = triton_kernels("patchify", imgs)
     if k is not None:
         return k.patchify_gather_fwd(imgs, ids, ph, pw, norm_pix)
     return patchify_gather_torch(imgs, ids, ph, pw, norm_pix)
+
+
+@torch.library.custom_op("mae_fast::patchify_gather", mutates_args=())
+def _patchify_gather_op(imgs: Tensor, ids: Tensor, ph: int, pw: int, norm_pix: bool, validate: bool) -> Tensor:
+    return _patchify_gather_impl(imgs, ids, ph, pw, norm_pix, validate)
 
 
 @_patchify_gather_op.register_fake
@@ -168,7 +188,7 @@ def _patchify_gather_backward(ctx, grad):
     imgs, ids = ctx.saved_tensors
     gi = None
     if ctx.needs_input_grad[0]:
-        gi = torch.ops.mae_fast.patchify_gather_backward(grad, imgs, ids, ctx.ph, ctx.pw, ctx.norm_pix)
+        gi = backward_op(ctx, "patchify_gather_backward")(grad, imgs, ids, ctx.ph, ctx.pw, ctx.norm_pix)
     return gi, None, None, None, None, None
 
 
@@ -177,12 +197,23 @@ _patchify_gather_op.register_autograd(_patchify_gather_backward, setup_context=_
 
 def inverse_ids(ids: Tensor, L: int) -> Tensor:
     """(B, K) patch ids -> (B, L) int32: inv[b, ids[b, k]] = k, -1 for patches not in ids.
-    Out-of-range ids are dropped (they land in a spare column that is cut off)."""
+    Out-of-range ids are dropped (they land in spare columns that are cut off)."""
     B, K = ids.shape
-    inv = torch.full((B, L + 1), -1, dtype=torch.int32, device=ids.device)
-    idx = torch.where((ids >= 0) & (ids < L), ids, L).long()
+    inv = torch.full((B, L + 2), -1, dtype=torch.int32, device=ids.device)
+    # column 1 + l is patch l: ids clamped to [-1, L] and shifted by one put out-of-range ones in 0 or L + 1
+    idx = (ids.clamp(-1, L) + 1).long()
     src = torch.arange(K, dtype=torch.int32, device=ids.device).expand(B, K)
-    return inv.scatter_(1, idx, src)[:, :L]
+    return inv.scatter_(1, idx, src)[:, 1:L + 1]
+
+
+@eager_impl("patchify_gather_backward")
+def _patchify_gather_backward_impl(grad, imgs, ids, ph, pw, norm_pix):
+    k = triton_kernels("patchify", imgs, grad)
+    if k is not None:
+        L = (imgs.shape[2] // ph) * (imgs.shape[3] // pw)
+        inv = None if ids is None else inverse_ids(ids, L)
+        return k.patchify_gather_bwd(grad, imgs, inv, ph, pw, norm_pix)
+    return patchify_gather_backward_torch(grad, imgs, ids, ph, pw, norm_pix)
 
 
 @torch.library.custom_op("mae_fast::patchify_gather_backward", mutates_args=())
@@ -190,12 +221,7 @@ def _patchify_gather_backward_op(grad: Tensor, imgs: Tensor, ids: Optional[Tenso
                                  norm_pix: bool) -> Tensor:
     """Image gradient of patchify_gather (ids given, rows (B, K, P)) or of patchify + norm-pix
     (ids None, rows (B, L, P)). Requires ids distinct within a row (Triton path)."""
-    k = triton_kernels("patchify", imgs, grad)
-    if k is not None:
-        L = (imgs.shape[2] // ph) * (imgs.shape[3] // pw)
-        inv = None if ids is None else inverse_ids(ids, L)
-        return k.patchify_gather_bwd(grad, imgs, inv, ph, pw, norm_pix)
-    return patchify_gather_backward_torch(grad, imgs, ids, ph, pw, norm_pix)
+    return _patchify_gather_backward_impl(grad, imgs, ids, ph, pw, norm_pix)
 
 
 @_patchify_gather_backward_op.register_fake
@@ -206,6 +232,10 @@ def _(grad, imgs, ids, ph, pw, norm_pix):
 refuse_double_backward("patchify_gather_backward", "mae_fast.ops.patchify_gather (and of masked_mse_loss "
                        "with respect to imgs)")
 
+_PatchifyEager = eager_function("patchify", _patchify_setup, _patchify_backward)
+_UnpatchifyEager = eager_function("unpatchify", _unpatchify_setup, _unpatchify_backward)
+_PatchifyGatherEager = eager_function("patchify_gather", _patchify_gather_setup, _patchify_gather_backward)
+
 
 # ----------------------------------------------------------------------------- public API
 
@@ -214,7 +244,8 @@ def patchify(imgs: Tensor, patch_size) -> Tensor:
 
     patch_size: int or (ph, pw). Differentiable (its backward is unpatchify)."""
     ph, pw = check_imgs(imgs, patch_size)
-    return torch.ops.mae_fast.patchify(imgs, ph, pw)
+    op = _PatchifyEager.apply if _eager(imgs) else torch.ops.mae_fast.patchify
+    return op(imgs, ph, pw)
 
 
 def unpatchify(x: Tensor, patch_size, image_size) -> Tensor:
@@ -228,7 +259,8 @@ def unpatchify(x: Tensor, patch_size, image_size) -> Tensor:
     L = (H // ph) * (W // pw)
     if x.dim() != 3 or x.shape[1] != L or x.shape[2] % (ph * pw) or x.shape[2] == 0:
         raise ValueError(f"x must have shape (B, L={L}, ph*pw*C) with ph*pw={ph * pw}, got {tuple(x.shape)}")
-    return torch.ops.mae_fast.unpatchify(x, ph, pw, H, W)
+    op = _UnpatchifyEager.apply if _eager(x) else torch.ops.mae_fast.unpatchify
+    return op(x, ph, pw, H, W)
 
 
 def patchify_gather(imgs: Tensor, ids: Tensor, patch_size, *, norm_pix: bool = False,
@@ -253,7 +285,8 @@ def patchify_gather(imgs: Tensor, ids: Tensor, patch_size, *, norm_pix: bool = F
     L = (imgs.shape[2] // ph) * (imgs.shape[3] // pw)
     check_ids(ids, imgs, L)
     check_norm_pix(norm_pix, ph * pw * imgs.shape[1])
-    return torch.ops.mae_fast.patchify_gather(imgs, ids, ph, pw, bool(norm_pix), bool(validate))
+    op = _PatchifyGatherEager.apply if _eager(imgs) else torch.ops.mae_fast.patchify_gather
+    return op(imgs, ids, ph, pw, bool(norm_pix), bool(validate))
 
 
 __all__ = ["patchify", "unpatchify", "patchify_gather"]

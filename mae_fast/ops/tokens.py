@@ -28,6 +28,10 @@ on the host first (one synchronisation). On CUDA, gather_tokens' forward checks 
 duplicate is caught by its backward. The PyTorch fallback below checks CUDA indices only with
 validate=True (the checks would synchronise): without it, a duplicate loses a row silently.
 
+Eager calls (not under torch.compile) call these ops below their Python autograd kernels, inside
+autograd.Functions of their own (mae_fast/ops/_common.py, "eager calls"): the same kernels and
+backwards, less host time per call.
+
 Without the compiled extension (MAE_FAST_BUILD_EXT=none, a failed build, a CPU-only build for
 CUDA tensors) the same low-level ops run a vectorised PyTorch fallback registered below; `python -m
 mae_fast.info` says why the extension is missing.
@@ -36,8 +40,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (INDEX_DTYPES, check_device, check_float, check_tensor, compute_dtype, gather_rows,
-                      has_kernel, int_arg)
+from ._common import (INDEX_DTYPES, backward_op, below_autograd, check_device, check_float, check_tensor, compute_dtype,
+                      eager_function, eager_impl, gather_rows, has_kernel, int_arg, run_eagerly)
 
 __all__ = ["gather_tokens", "unshuffle_tokens"]
 
@@ -163,8 +167,8 @@ def _gather_setup(ctx, inputs, output):
 
 def _gather_backward(ctx, grad):
     (ids,) = ctx.saved_tensors
-    inv = torch.ops.mae_fast.tokens_invert(ids, ctx.num_rows, False)
-    return torch.ops.mae_fast.tokens_unshuffle(grad, inv, None, None, 0), None, None
+    inv = backward_op(ctx, "tokens_invert")(ids, ctx.num_rows, False)
+    return backward_op(ctx, "tokens_unshuffle")(grad, inv, None, None, 0), None, None
 
 
 def _unshuffle_setup(ctx, inputs, output):
@@ -180,8 +184,8 @@ def _unshuffle_backward(ctx, grad):
     (inv,) = ctx.saved_tensors
     need_mask = ctx.mask_dtype is not None and ctx.needs_input_grad[2]
     need_pos = ctx.pos_dtype is not None and ctx.needs_input_grad[3]
-    gvis, gmask, gpos = torch.ops.mae_fast.tokens_unshuffle_bwd(grad, inv, ctx.num_prefix, ctx.num_keep,
-                                                                need_mask, need_pos)
+    gvis, gmask, gpos = backward_op(ctx, "tokens_unshuffle_bwd")(grad, inv, ctx.num_prefix, ctx.num_keep,
+                                                                 need_mask, need_pos)
     return (gvis, None, gmask.to(ctx.mask_dtype) if need_mask else None,
             gpos.to(ctx.pos_dtype) if need_pos else None, None)
 
@@ -206,6 +210,13 @@ torch.library.register_autograd("mae_fast::tokens_gather", _gather_backward, set
 torch.library.register_autograd("mae_fast::tokens_unshuffle", _unshuffle_backward, setup_context=_unshuffle_setup)
 torch.library.register_autograd("mae_fast::tokens_unshuffle_bwd", _unshuffle_bwd_backward,
                                 setup_context=_unshuffle_bwd_setup)
+
+# Eager calls (_common.run_eagerly) call the ops past their Python autograd kernels, straight to the
+# extension's (or the fallback's) CPU and CUDA kernels, inside autograd.Functions of their own.
+for _op in OPS:
+    eager_impl(_op)(below_autograd(getattr(torch.ops.mae_fast, _op).default))
+_GatherEager = eager_function("tokens_gather", _gather_setup, _gather_backward)
+_UnshuffleEager = eager_function("tokens_unshuffle", _unshuffle_setup, _unshuffle_backward)
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -234,7 +245,10 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor, *, validate: bool = False)
         raise ValueError(f"x must have shape (B, L, D), got {tuple(x.shape)}")
     _check_index(ids, "ids", x.shape[0], None, "")
     check_device(ids, "ids", x, "x")
-    return torch.ops.mae_fast.tokens_gather(x, ids, bool(validate))
+    if not ids.is_contiguous():  # the kernels read contiguous ids: one copy here, not one per direction
+        ids = ids.contiguous()
+    op = _GatherEager.apply if run_eagerly() else torch.ops.mae_fast.tokens_gather
+    return op(x, ids, bool(validate))
 
 
 def _check_unshuffle_args(visible, ids_keep, num_patches, mask_token, pos, num_prefix) -> tuple[int, int]:
@@ -288,4 +302,5 @@ def unshuffle_tokens(visible: torch.Tensor, ids_keep: torch.Tensor, num_patches:
     if pos is not None:
         pos = pos.reshape(P + N, D)
     inv = torch.ops.mae_fast.tokens_invert(ids_keep, N, bool(validate))
-    return torch.ops.mae_fast.tokens_unshuffle(visible, inv, mask_token.reshape(D), pos, P)
+    op = _UnshuffleEager.apply if run_eagerly() else torch.ops.mae_fast.tokens_unshuffle
+    return op(visible, inv, mask_token.reshape(D), pos, P)

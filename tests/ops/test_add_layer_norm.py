@@ -478,7 +478,7 @@ def test_gpu_bf16_two_x_rule(D, dtypes):
     param_dt = torch.bfloat16 if x_dt == d_dt else torch.float32
     inputs = [t.cuda() for t in make(lead, D, x_dt, d_dt, param_dtype=param_dt)]
     res_dt = torch.promote_types(x_dt, d_dt)
-    assert A._kernels_for(inputs[0], res_dt, d_dt, out_dt) is not None
+    assert A._kernels(inputs[0], res_dt, d_dt, out_dt) is not None
     g_res = torch.randn(*lead, D, device="cuda").to(res_dt)
     g_n = torch.randn(*lead, D, device="cuda").to(out_dt or res_dt)
     r, n, gs = run(ours, inputs, 1e-5, out_dt, g_res, g_n)
