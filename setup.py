@@ -126,10 +126,14 @@ setup(
               "mae_fast.kernels"],
     package_dir={"mae_fast": "mae_fast", "mae_fast.kernels": "kernels"},
     package_data={"mae_fast": ["_build_info.json"]},
-    install_requires=["torch>=2.5", "triton; platform_system == 'Linux'", "einops", "numpy", "tqdm"],
+    install_requires=["torch>=2.5", "torchvision>=0.20", "triton; platform_system == 'Linux'", "einops", "numpy", "tqdm"],
     extras_require={
         "demo": ["scikit-image", "scikit-learn", "matplotlib", "pillow"],  # the CLI's embedded data and pictures
         "hf": ["transformers", "safetensors"],
+        "tiff": ["tifffile"],  # pretrain --in-chans on TIFF files (multi-page, multi-channel, 16-bit)
+        # mae-fast finetune: timm for the official recipe's RandAugment, random erasing and mixup /
+        # cutmix; scikit-learn for the embedded digits, matplotlib for the curves
+        "finetune": ["timm", "scikit-learn", "matplotlib"],
         "vit-pytorch": ["vit-pytorch"],  # the parity tests against lucidrains' MAE
     },
     entry_points={"console_scripts": ["mae-fast=mae_fast.cli:main"]},

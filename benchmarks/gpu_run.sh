@@ -32,6 +32,8 @@
 # Call 2 (budget 250 s): build (up to date: skipped) and info as above, then
 #   gpu-tests       150 / 45  the GPU tests call 1 did not report
 #   ops              90 / 20  the op suites against eager (attention at the ViT-L shapes)
+#   data             45 / 20  the data suite: CPU pipeline per worker, GPU decode backend
+#   finetune         60 / 30  the fine-tuning step against timm's, eager and compiled
 #   ops-compiled   rest / 30  the op suites' torch.compile baselines
 #   report           25
 # Packages: torch, triton, transformers, pytest, pytest-benchmark, pytest-timeout, matplotlib;
@@ -272,6 +274,11 @@ do_ops() {  # $1: pytest -k expression over the op suites, $2 attention cases
   MAE_FAST_BENCH_ATTENTION_CASES=$2 bench_pytest "${files[@]}" -k "$1"
 }
 
+do_suites() {  # benchmark files run as they are (each picks its GPU cases itself)
+  if (( PLAN_ONLY )); then need "file $*"; return 0; fi
+  bench_pytest "$@"
+}
+
 do_report() {
   if (( PLAN_ONLY )); then need "module benchmarks.report"; return 0; fi
   [ -f "$RES/results.csv" ] || { echo "no results to report"; return 0; }
@@ -296,6 +303,10 @@ call2() {
   stage info 40 0 "versions, clocks, mae_fast.info; stop if a kernel is missing" do_info
   stage gpu-tests 150 45 "pytest -m gpu: what call 1 did not report, $JOBS processes" do_gpu_tests --rest
   stage ops 90 20 "op suites $OPS against eager (attention $ATTENTION_CASES)" do_ops "not compiled" "$ATTENTION_CASES"
+  stage data 45 20 "data pipeline: uint8 CPU pipeline vs torchvision's PIL one, GPU decode" \
+    do_suites benchmarks/test_bench_data.py
+  stage finetune 60 30 "fine-tuning step: VisionTransformer vs timm, eager and compiled" \
+    do_suites benchmarks/test_bench_finetune.py
   stage ops-compiled 9999 30 "the op suites' torch.compile baselines" do_ops compiled "$ATTENTION_CASES"
   stage report 25 0 "report of the run" do_report
 }
@@ -331,7 +342,7 @@ MODE=run PLAN_ONLY=0
 GPU_NAME=$(gpu_name)
 export RES LOGS CALL RUN_ID PYTHON PLAN_ONLY OPS TESTS JOBS PER_TEST_S GRACE_S GPU_NAME
 export -f python need gpu_name slug bench_opts bench_pytest do_build do_info do_attention do_step do_profile \
-  do_gpu_tests do_ops do_report
+  do_gpu_tests do_ops do_suites do_report
 STAGE_NAMES=()
 "call$CALL"
 

@@ -6,6 +6,11 @@ fp32 and bf16, data already on the device; each pytest-benchmark round synchroni
 median of triton.testing.do_bench (no per-call sync) is recorded too and used for the bandwidth.
 CPU: small shapes, the PyTorch fallback (TRITON_INTERPRET is switched off here), fp32, 1 thread.
 
+test_bench_image_input: the model's two reads of the image, the gather of the visible rows and the
+loss over the removed ones (forward + backward), on uint8 pixels normalised inside the kernels,
+against a float32 image normalised already (data on the device as float), and against uint8
+normalised into a float copy first (mae_fast.data.normalize_batch, then the float path).
+
 benchmark.extra_info holds the counted bytes (the minimum traffic of the op: the rows it must
 read and write, mask/ids included, nothing for the targets it computes on the fly), the achieved
 GB/s, and the speedup over the eager reference measured in the same run. A summary table is
@@ -18,6 +23,7 @@ import pytest
 import torch
 
 import mae_fast
+from mae_fast.data import normalize_batch
 from mae_fast.testing import reference as R
 
 from benchmarks.common import CPU_COMPILE_ALL, CUDA, DEVICE, device_name
@@ -117,3 +123,41 @@ def test_bench(benchmark, median_op_seconds, op, impl, mode, dtype):
     eager = _RESULTS.get((case, "eager"))
     if eager is not None and impl != "eager":
         benchmark.extra_info["speedup_vs_eager"] = eager[0] / sec
+
+
+IMAGE_INPUTS = ["uint8", "float32", "norm+f32"]
+
+
+@pytest.mark.parametrize("image_input", IMAGE_INPUTS)
+def test_bench_image_input(benchmark, median_op_seconds, image_input):
+    B, C, H, W, p, ratio = SHAPE
+    L, P = (H // p) * (W // p), p * p * C
+    K = int(L * (1 - ratio))
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    u8 = torch.randint(0, 256, (B, C, H, W), device=DEVICE, dtype=torch.uint8, generator=g)
+    ids = torch.rand(B, L, device=DEVICE, generator=g).argsort(dim=-1)
+    keep, removed = ids[:, :K].contiguous(), ids[:, K:]
+    pred = torch.randn(B, L - K, P, device=DEVICE, generator=g).requires_grad_()
+    mean, std = (torch.tensor(v, device=DEVICE) for v in (mae_fast.ops._common.IMAGENET_MEAN,
+                                                          mae_fast.ops._common.IMAGENET_STD))
+    prepared = normalize_batch(u8, mean, std)
+    image = {"uint8": lambda: u8, "float32": lambda: prepared, "norm+f32": lambda: normalize_batch(u8, mean, std)}
+
+    def step():
+        imgs = image[image_input]()
+        rows = mae_fast.ops.patchify_gather(imgs, keep, p, norm_pix=False)
+        loss = mae_fast.ops.masked_mse_loss(pred, imgs, p, ids=removed, norm_pix=True)
+        return rows, torch.autograd.grad(loss, pred)
+
+    es = 1 if image_input == "uint8" else 4
+    # image rows read (gather, loss forward, loss backward), rows written, pred read twice, its gradient written
+    nbytes = B * P * (K + 2 * (L - K)) * es + B * K * P * 4 + 3 * pred.numel() * 4 + ids.numel() * 8
+    if image_input == "norm+f32":
+        nbytes += u8.numel() * (1 + 4)  # the float copy: uint8 read, float32 written
+    case = "gather+loss-fwd_bwd-image_input"
+    benchmark.group = case
+    sec = median_op_seconds(benchmark, step)
+    _RESULTS[(case, image_input)] = (sec, nbytes)
+    benchmark.extra_info.update(device=device_name(), shape=list(SHAPE), bytes=nbytes, median_s=sec,
+                                gbps=nbytes / sec / 1e9, image_input=image_input,
+                                timer="triton.testing.do_bench median" if CUDA else "pytest-benchmark median")

@@ -4,7 +4,8 @@ Tensors in, tensors out: no validation here (mae_fast/ops/masked_mse_loss.py doe
 
 The targets are never materialised: each program re-cuts its patches from the image (through the
 image strides, (p, q, c) feature order, optional per-patch norm-pix with unbiased variance) and
-compares them with pred rows in fp32.
+compares them with pred rows in fp32 (uint8 images normalised per channel on load, as by
+patchify_gather).
 
 Two row modes:
   HAS_MASK  pred (B, L, P), row l is patch l, weight mask[b, l]; rows with weight 0 are not read.
@@ -21,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import NORM_PIX_EPS, cdiv, on_tensor_device, within_int32
-from .patchify import _batch_and_row_block, _block_config, _patch_offsets
+from .patchify import _batch_and_row_block, _block_config, _load_patches, _patch_offsets
 from .stats import normalize_rows
 
 # Allocator of every buffer the kernels write (a module attribute so tests can NaN-poison it).
@@ -29,10 +30,10 @@ empty = torch.empty
 
 
 @triton.jit
-def _load_rows(pred_ptr, img_ptr, w_ptr, ids_ptr, b, rows, R, L, GW, P,
+def _load_rows(pred_ptr, img_ptr, w_ptr, ids_ptr, aff_ptr, b, rows, R, L, GW, P,
                s_pb, s_pr, s_pp, s_ib, s_ic, s_ih, s_iw, s_wb, s_wl, s_db, s_dk, eps,
                C: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-               HAS_MASK: tl.constexpr, NORM: tl.constexpr, BLOCK_P: tl.constexpr):
+               HAS_MASK: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr, BLOCK_P: tl.constexpr):
     """Returns (diff = pred - target on active rows else 0, weight per row, row_ok, bad id per row)."""
     row_ok = rows < R
     if HAS_MASK:
@@ -52,7 +53,7 @@ def _load_rows(pred_ptr, img_ptr, w_ptr, ids_ptr, b, rows, R, L, GW, P,
     m = active[:, None] & f_ok[None, :]
     off_r = (pidx // GW) * (PH * s_ih) + (pidx % GW) * (PW * s_iw)
     off_f = _patch_offsets(f, C, PW, s_ic, s_ih, s_iw)
-    t = tl.load(img_ptr + b * s_ib + off_r[:, None] + off_f[None, :], mask=m, other=0.0).to(tl.float32)
+    t = _load_patches(img_ptr + b * s_ib, aff_ptr, off_r[:, None] + off_f[None, :], m, f, C, AFFINE)
     if NORM:
         t, _, _ = normalize_rows(t, m, P, P - 1, eps)
     p = tl.load(pred_ptr + b * s_pb + rows[:, None] * s_pr + f[None, :] * s_pp, mask=m, other=0.0).to(tl.float32)
@@ -62,7 +63,7 @@ def _load_rows(pred_ptr, img_ptr, w_ptr, ids_ptr, b, rows, R, L, GW, P,
 
 @triton.jit
 def _masked_mse_loss_fwd_kernel(
-    pred_ptr, img_ptr, w_ptr, ids_ptr, part_ptr, wpart_ptr,
+    pred_ptr, img_ptr, w_ptr, ids_ptr, aff_ptr, part_ptr, wpart_ptr,
     R, L, GW, P,
     s_pb, s_pr, s_pp,
     s_ib, s_ic, s_ih, s_iw,
@@ -70,7 +71,7 @@ def _masked_mse_loss_fwd_kernel(
     s_db, s_dk,
     eps,
     C: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    HAS_MASK: tl.constexpr, NORM: tl.constexpr,
+    HAS_MASK: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Grid (B * n_r,), n_r = cdiv(R, BLOCK_R): part[b * n_r + r] = sum over its rows of w * sum_f diff^2
@@ -78,9 +79,9 @@ def _masked_mse_loss_fwd_kernel(
     b, pid_r = _batch_and_row_block(R, BLOCK_R)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     diff, w, row_ok, bad = _load_rows(
-        pred_ptr, img_ptr, w_ptr, ids_ptr, b, rows, R, L, GW, P,
+        pred_ptr, img_ptr, w_ptr, ids_ptr, aff_ptr, b, rows, R, L, GW, P,
         s_pb, s_pr, s_pp, s_ib, s_ic, s_ih, s_iw, s_wb, s_wl, s_db, s_dk, eps,
-        C, PH, PW, HAS_MASK, NORM, BLOCK_P)
+        C, PH, PW, HAS_MASK, NORM, AFFINE, BLOCK_P)
     se = tl.sum(diff * diff, axis=1)
     se = tl.where(bad, float("nan"), se)
     slot = tl.program_id(0)  # = b * n_r + pid_r
@@ -112,7 +113,7 @@ def _masked_mse_loss_finalize_kernel(part_ptr, wpart_ptr, loss_ptr, denom_ptr, N
 
 @triton.jit
 def _masked_mse_loss_bwd_kernel(
-    gloss_ptr, denom_ptr, pred_ptr, img_ptr, w_ptr, ids_ptr, gpred_ptr,
+    gloss_ptr, denom_ptr, pred_ptr, img_ptr, w_ptr, ids_ptr, aff_ptr, gpred_ptr,
     R, L, GW, P,
     s_pb, s_pr, s_pp,
     s_ib, s_ic, s_ih, s_iw,
@@ -120,7 +121,7 @@ def _masked_mse_loss_bwd_kernel(
     s_db, s_dk,
     eps,
     C: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    HAS_MASK: tl.constexpr, NORM: tl.constexpr,
+    HAS_MASK: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """gpred[b, r, :] = 2 * gloss / denom * w_r * (pred - target); every element written
@@ -128,9 +129,9 @@ def _masked_mse_loss_bwd_kernel(
     b, pid_r = _batch_and_row_block(R, BLOCK_R)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     diff, w, row_ok, bad = _load_rows(
-        pred_ptr, img_ptr, w_ptr, ids_ptr, b, rows, R, L, GW, P,
+        pred_ptr, img_ptr, w_ptr, ids_ptr, aff_ptr, b, rows, R, L, GW, P,
         s_pb, s_pr, s_pp, s_ib, s_ic, s_ih, s_iw, s_wb, s_wl, s_db, s_dk, eps,
-        C, PH, PW, HAS_MASK, NORM, BLOCK_P)
+        C, PH, PW, HAS_MASK, NORM, AFFINE, BLOCK_P)
     coef = 2.0 * tl.load(gloss_ptr).to(tl.float32) / tl.load(denom_ptr)
     scale = tl.where(bad, float("nan"), coef * w)
     g = diff * scale[:, None]
@@ -141,7 +142,7 @@ def _masked_mse_loss_bwd_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _launch_args(pred, imgs, mask, ids, ph, pw):
+def _launch_args(pred, imgs, mask, ids, ph, pw, affine):
     B, C, H, W = imgs.shape
     gh, gw = H // ph, W // pw
     L, P = gh * gw, ph * pw * C
@@ -152,24 +153,26 @@ def _launch_args(pred, imgs, mask, ids, ph, pw):
         w_arg, s_w, ids_arg, s_d = pred, (0, 0), ids, ids.stride()
     block_r, block_p, num_warps = _block_config(P, R)
     return dict(B=B, C=C, L=L, P=P, R=R, gw=gw, w=w_arg, s_w=s_w, ids=ids_arg, s_d=s_d,
+                affine=pred if affine is None else affine,
                 block_r=block_r, block_p=block_p, num_warps=num_warps)
 
 
 @on_tensor_device
-def masked_mse_loss_fwd(pred, imgs, mask, ids, ph, pw, norm_pix=False, out_dtype=None):
+def masked_mse_loss_fwd(pred, imgs, mask, ids, ph, pw, norm_pix=False, out_dtype=None, affine=None):
     """Returns (loss 0-dim in out_dtype (default pred.dtype), denom 0-dim fp32).
-    Exactly one of mask (B, L) / ids (B, M) is given."""
+    Exactly one of mask (B, L) / ids (B, M) is given; affine ((2, C) fp32 scale, shift) normalises
+    uint8 images per channel."""
     pred, imgs = within_int32(pred), within_int32(imgs)
-    a = _launch_args(pred, imgs, mask, ids, ph, pw)
+    a = _launch_args(pred, imgs, mask, ids, ph, pw, affine)
     n_r = cdiv(a["R"], a["block_r"])
     n = n_r * a["B"]
     part = empty(n, device=pred.device, dtype=torch.float32)
     wpart = empty(n, device=pred.device, dtype=torch.float32) if mask is not None else part
     if n:  # (an empty batch leaves no partials: the loss is 0 / 0 = nan, as in the reference)
         _masked_mse_loss_fwd_kernel[(n,)](
-            pred, imgs, a["w"], a["ids"], part, wpart, a["R"], a["L"], a["gw"], a["P"],
+            pred, imgs, a["w"], a["ids"], a["affine"], part, wpart, a["R"], a["L"], a["gw"], a["P"],
             *pred.stride(), *imgs.stride(), *a["s_w"], *a["s_d"], NORM_PIX_EPS,
-            C=a["C"], PH=ph, PW=pw, HAS_MASK=mask is not None, NORM=bool(norm_pix),
+            C=a["C"], PH=ph, PW=pw, HAS_MASK=mask is not None, NORM=bool(norm_pix), AFFINE=affine is not None,
             BLOCK_R=a["block_r"], BLOCK_P=a["block_p"], num_warps=a["num_warps"])
     loss = empty((), device=pred.device, dtype=out_dtype or pred.dtype)
     denom = empty((), device=pred.device, dtype=torch.float32)
@@ -180,17 +183,17 @@ def masked_mse_loss_fwd(pred, imgs, mask, ids, ph, pw, norm_pix=False, out_dtype
 
 
 @on_tensor_device
-def masked_mse_loss_bwd(grad_loss, denom, pred, imgs, mask, ids, ph, pw, norm_pix=False):
+def masked_mse_loss_bwd(grad_loss, denom, pred, imgs, mask, ids, ph, pw, norm_pix=False, affine=None):
     """Gradient w.r.t. pred, contiguous (B, R, P) in pred.dtype; one pass, targets recomputed."""
     pred, imgs = within_int32(pred), within_int32(imgs)
-    a = _launch_args(pred, imgs, mask, ids, ph, pw)
+    a = _launch_args(pred, imgs, mask, ids, ph, pw, affine)
     gpred = empty(pred.shape, device=pred.device, dtype=pred.dtype)
     if gpred.numel() == 0:
         return gpred
     n_r = cdiv(a["R"], a["block_r"])
     _masked_mse_loss_bwd_kernel[(a["B"] * n_r,)](
-        grad_loss, denom, pred, imgs, a["w"], a["ids"], gpred, a["R"], a["L"], a["gw"], a["P"],
+        grad_loss, denom, pred, imgs, a["w"], a["ids"], a["affine"], gpred, a["R"], a["L"], a["gw"], a["P"],
         *pred.stride(), *imgs.stride(), *a["s_w"], *a["s_d"], NORM_PIX_EPS,
-        C=a["C"], PH=ph, PW=pw, HAS_MASK=mask is not None, NORM=bool(norm_pix),
+        C=a["C"], PH=ph, PW=pw, HAS_MASK=mask is not None, NORM=bool(norm_pix), AFFINE=affine is not None,
         BLOCK_R=a["block_r"], BLOCK_P=a["block_p"], num_warps=a["num_warps"])
     return gpred

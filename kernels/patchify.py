@@ -8,8 +8,10 @@ gh x gw patches of ph x pw pixels; patch l = i * gw + j; feature f of a patch ro
 
 Every kernel reads the image through its strides (contiguous, channels_last, sliced or expanded
 all work, nothing is copied), loads each element once, and computes in fp32 whatever the storage
-dtype (load, then .to(tl.float32) before any arithmetic). Norm-pix statistics come from
-kernels/stats.py, finite for any finite patch.
+dtype (load, then .to(tl.float32) before any arithmetic). uint8 images (read by the gather and
+the loss, never differentiated) are normalised per channel right after the load (_load_patches),
+so no float copy of them exists. Norm-pix statistics come from kernels/stats.py, finite for any
+finite patch.
 
 Index safety: a patch id outside [0, L) never reads or writes outside a tensor. The gather writes
 a row of NaN for it (so bad ids are loud even without validation); the scatter drops it.
@@ -64,17 +66,31 @@ def _batch_and_row_block(n_rows, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def _load_patches(img_ptr, aff_ptr, off, m, f, C: tl.constexpr, AFFINE: tl.constexpr):
+    """The pixels at img_ptr + off (0 outside m) in fp32; with AFFINE (uint8 images) normalised as
+    x * scale[c] + shift[c] from aff_ptr = [scale (C) | shift (C)], c = f % C, before any statistic."""
+    x = tl.load(img_ptr + off, mask=m, other=0).to(tl.float32)
+    if AFFINE:
+        c = f % C
+        scale = tl.load(aff_ptr + c)
+        shift = tl.load(aff_ptr + C + c)
+        x = tl.where(m, x * scale[None, :] + shift[None, :], 0.0)
+    return x
+
+
+@triton.jit
 def _patchify_gather_fwd_kernel(
-    img_ptr, ids_ptr, out_ptr,
+    img_ptr, ids_ptr, out_ptr, aff_ptr,
     K, L, GW, P,
     s_ib, s_ic, s_ih, s_iw,
     s_db, s_dk,
     eps,
     C: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    HAS_IDS: tl.constexpr, NORM: tl.constexpr,
+    HAS_IDS: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """out[b, k, :] = patch ids[b, k] (or k without ids) of img[b], optionally norm-pixed.
+    """out[b, k, :] = patch ids[b, k] (or k without ids) of img[b] (with AFFINE: uint8 pixels
+    normalised per channel), optionally norm-pixed.
 
     Grid (B * cdiv(K, BLOCK_R),); out is contiguous (B, K, P)."""
     b, pid_r = _batch_and_row_block(K, BLOCK_R)
@@ -92,7 +108,7 @@ def _patchify_gather_fwd_kernel(
     off_f = _patch_offsets(f, C, PW, s_ic, s_ih, s_iw)
     off_r = (pidx // GW) * (PH * s_ih) + (pidx % GW) * (PW * s_iw)
     m = valid[:, None] & f_ok[None, :]
-    x = tl.load(img_ptr + b * s_ib + off_r[:, None] + off_f[None, :], mask=m, other=0.0).to(tl.float32)
+    x = _load_patches(img_ptr + b * s_ib, aff_ptr, off_r[:, None] + off_f[None, :], m, f, C, AFFINE)
     if NORM:
         x, _, _ = normalize_rows(x, m, P, P - 1, eps)
     x = tl.where(valid[:, None], x, float("nan"))
@@ -155,22 +171,23 @@ def _grid_dims(imgs, ph, pw):
 
 
 @on_tensor_device
-def patchify_gather_fwd(imgs, ids, ph, pw, norm_pix=False, out=None):
-    """(B, C, H, W) [+ ids (B, K)] -> (B, K, ph*pw*C) (all L patches when ids is None)."""
+def patchify_gather_fwd(imgs, ids, ph, pw, norm_pix=False, out=None, affine=None):
+    """(B, C, H, W) [+ ids (B, K)] -> (B, K, ph*pw*C) (all L patches when ids is None), in imgs.dtype,
+    or for uint8 images with affine ((2, C) fp32: scale, shift per channel) normalised, in fp32."""
     imgs = within_int32(imgs)
     B, C, gh, gw = _grid_dims(imgs, ph, pw)
     L, P = gh * gw, ph * pw * C
     K = L if ids is None else ids.shape[1]
     if out is None:
-        out = empty((B, K, P), dtype=imgs.dtype, device=imgs.device)
+        out = empty((B, K, P), dtype=imgs.dtype if affine is None else torch.float32, device=imgs.device)
     if B == 0 or K == 0:
         return out
     block_r, block_p, num_warps = _block_config(P, K)
     ids_arg, s_db, s_dk = (imgs, 0, 0) if ids is None else (ids, ids.stride(0), ids.stride(1))
     grid = (B * cdiv(K, block_r),)
     _patchify_gather_fwd_kernel[grid](
-        imgs, ids_arg, out, K, L, gw, P, *imgs.stride(), s_db, s_dk, NORM_PIX_EPS,
-        C=C, PH=ph, PW=pw, HAS_IDS=ids is not None, NORM=bool(norm_pix),
+        imgs, ids_arg, out, out if affine is None else affine, K, L, gw, P, *imgs.stride(), s_db, s_dk,
+        NORM_PIX_EPS, C=C, PH=ph, PW=pw, HAS_IDS=ids is not None, NORM=bool(norm_pix), AFFINE=affine is not None,
         BLOCK_R=block_r, BLOCK_P=block_p, num_warps=num_warps)
     return out
 
@@ -203,11 +220,13 @@ def patchify_gather_bwd(grad, imgs, inv, ph, pw, norm_pix=False, out=None, image
     return out
 
 
+@on_tensor_device
 def patchify_fwd(imgs, ph, pw):
     """(B, C, H, W) -> (B, L, ph*pw*C)."""
     return patchify_gather_fwd(imgs, None, ph, pw)
 
 
+@on_tensor_device
 def unpatchify_fwd(x, ph, pw, H, W, out=None):
     """(B, L, ph*pw*C) -> (B, C, H, W), contiguous unless out is given."""
     if out is None:

@@ -55,6 +55,10 @@ def imgs(B=2, C=3, H=8, W=12, dtype=torch.float32):
     return torch.randn(B, C, H, W, dtype=dtype)
 
 
+def u8(B=2, C=3, H=8, W=12):
+    return torch.randint(0, 256, (B, C, H, W), dtype=torch.uint8)
+
+
 def ids(*rows, dtype=torch.int64):
     return torch.tensor(rows, dtype=dtype)
 
@@ -183,6 +187,12 @@ CASES = [
     ("gather dup validate", lambda t: ops.patchify_gather(imgs(), ids([0, 0], [1, 2]), 4, validate=True), ValueError, r"ids must be distinct within each row"),
     ("gather dup ids CPU", lambda t: ops.patchify_gather(imgs(), ids([0, 0], [1, 2]), 4), ValueError, r"ids must be distinct within each row"),
     ("gather norm_pix P=1", lambda t: ops.patchify_gather(imgs(C=1, H=2, W=2), ids([0, 1], [2, 3]), 1, norm_pix=True), ValueError, r"norm_pix needs ph\*pw\*C >= 2 values per patch .*got P=1"),
+    ("gather int16 imgs", lambda t: ops.patchify_gather(imgs().to(torch.int16), ids([0, 1], [2, 3]), 4), TypeError, r"imgs must be a floating-point tensor \(float32, .*\) or uint8 \(8-bit pixels\), got torch.int16"),
+    ("gather uint8 mean length", lambda t: ops.patchify_gather(u8(), ids([0, 1], [2, 3]), 4, mean=(0.5, 0.5), std=(0.2, 0.2, 0.2)), ValueError, r"mean must hold one value per channel: 3, got 2"),
+    ("gather uint8 std 0", lambda t: ops.patchify_gather(u8(), ids([0, 1], [2, 3]), 4, std=(0.2, 0.0, 0.2)), ValueError, r"std must be finite and > 0, got \(0.2, 0.0, 0.2\)"),
+    ("gather uint8 std str", lambda t: ops.patchify_gather(u8(), ids([0, 1], [2, 3]), 4, std="abc"), TypeError, r"std must be a sequence of 3 floats"),
+    ("gather uint8 1 channel default stats", lambda t: ops.patchify_gather(u8(C=1), ids([0, 1], [2, 3]), 4), ValueError, r"mean must hold one value per channel: 1, got 3"),
+    ("gather float imgs with mean", lambda t: ops.patchify_gather(imgs(), ids([0, 1], [2, 3]), 4, mean=(0.5, 0.5, 0.5)), ValueError, r"mean and std apply to uint8 images only"),
     ("gather float8 imgs", lambda t: ops.patchify_gather(f8(imgs()), ids([0, 1], [2, 3]), 4), TypeError, r"imgs must be a floating-point tensor \(float32, .*\), got torch.float8_e4m3fn"),
     ("gather double backward", lambda t: double_backward(lambda x: ops.patchify_gather(x, ids([0, 1], [2, 3]), 4, norm_pix=True), imgs()),
      NotImplementedError, r"double backward of mae_fast.ops.patchify_gather .*is not supported"),
@@ -202,6 +212,9 @@ CASES = [
     ("loss empty batch", lambda t: ops.masked_mse_loss(torch.randn(0, 6, 48), imgs(B=0), 4, mask=torch.ones(0, 6)), ValueError, r"imgs has an empty batch \(B=0\)"),
     ("loss ids M = 0", lambda t: ops.masked_mse_loss(torch.randn(2, 0, 48), imgs(), 4, ids=torch.zeros(2, 0, dtype=torch.long)), ValueError, r"ids must have shape \(B=2, K\) with 1 <= K <= L=6, got \(2, 0\)"),
     ("loss float8 pred", lambda t: ops.masked_mse_loss(f8(torch.randn(2, 6, 48)), imgs(), 4, mask=torch.ones(2, 6)), TypeError, r"pred must be a floating-point tensor \(float32, float16, bfloat16 or float64\), got torch.float8_e4m3fn"),
+    ("loss int16 imgs", lambda t: ops.masked_mse_loss(torch.randn(2, 6, 48), imgs().to(torch.int16), 4, mask=torch.ones(2, 6)), TypeError, r"imgs must be a floating-point tensor .* or uint8 \(8-bit pixels\), got torch.int16"),
+    ("loss uint8 std length", lambda t: ops.masked_mse_loss(torch.randn(2, 6, 48), u8(), 4, mask=torch.ones(2, 6), std=(0.2, 0.2, 0.2, 0.2)), ValueError, r"std must hold one value per channel: 3, got 4"),
+    ("loss uint8 std nan", lambda t: ops.masked_mse_loss(torch.randn(2, 2, 48), u8(), 4, ids=ids([0, 1], [2, 3]), std=(0.2, float("nan"), 0.2)), ValueError, r"std must be finite and > 0"),
     ("loss float8 imgs", lambda t: ops.masked_mse_loss(torch.randn(2, 6, 48), f8(imgs()), 4, mask=torch.ones(2, 6)), TypeError, r"imgs must be a floating-point tensor \(float32, .*\), got torch.float8_e4m3fn"),
     ("loss float8 mask", lambda t: ops.masked_mse_loss(torch.randn(2, 6, 48), imgs(), 4, mask=f8(torch.ones(2, 6))), TypeError, r"mask must be a float \(float32, float16, bfloat16 or float64\) or bool tensor, 1 = removed, got torch.float8_e4m3fn"),
     ("loss double backward", lambda t: double_backward(lambda p: ops.masked_mse_loss(p, imgs(), 4, mask=torch.ones(2, 6)), torch.randn(2, 6, 48)),
@@ -257,7 +270,10 @@ CASES = [
     ("mae masking_ratio str", lambda t: vp_mae(masking_ratio="0.5"), TypeError, r"masking_ratio must be a float in \(0, 1\)"),
     ("mae masking_ratio 1", lambda t: vp_mae(masking_ratio=1.0), ValueError, r"masking_ratio must be in \(0, 1\), got 1.0"),
     ("mae decoder_dim 0", lambda t: vp_mae(decoder_dim=0), ValueError, r"decoder_dim must be an int >= 1, got 0"),
-    ("mae int img", lambda t: vp_mae()(torch.zeros(2, 3, 16, 24, dtype=torch.uint8)), TypeError, r"img must be a floating-point tensor, got torch.uint8"),
+    ("mae int16 img", lambda t: vp_mae()(torch.zeros(2, 3, 16, 24, dtype=torch.int16)), TypeError, r"img must be a floating-point tensor or uint8 pixels, got torch.int16"),
+    ("mae uint8 std 0", lambda t: vp_mae(pixel_std=(0.2, 0.0, 0.2)), ValueError, r"std must be finite and > 0, got \(0.2, 0.0, 0.2\)"),
+    ("official uint8 1 channel", lambda t: official(in_chans=1)(torch.zeros(2, 1, 16, 24, dtype=torch.uint8)), ValueError, r"uint8 images need the pixel statistics of this model's 1 channels .*set_pixel_stats"),
+    ("official pixel stats length", lambda t: official().set_pixel_stats((0.5, 0.5), (0.2, 0.2, 0.2)), ValueError, r"mean must hold one value per channel: 3, got 2"),
     ("mae img size", lambda t: vp_mae()(torch.randn(2, 3, 16, 16)), ValueError, r"img must be \(batch, 3, H, W\) with 16x24; got \(2, 3, 16, 16\)"),
     # --- checkpoints
     ("ckpt missing", lambda t: load_checkpoint(official(), t / "nope.pth"), FileNotFoundError, r"checkpoint not found: '.*nope.pth'"),

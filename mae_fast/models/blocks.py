@@ -268,11 +268,13 @@ def run_blocks(blocks, x: torch.Tensor, final_norm: nn.Module = None, *, checkpo
     return x if final_norm is None else final_norm(x)
 
 
-def check_images(imgs, name: str, channels: int, fits, expected: str) -> None:
-    """The models' input check: a floating (B, channels, H, W) tensor whose (H, W) `fits`; the
-    error says the argument `name` must be `expected`."""
+def check_images(imgs, name: str, channels: int, fits, expected: str, uint8: bool = False) -> None:
+    """The models' input check: a floating (B, channels, H, W) tensor whose (H, W) `fits` (or, with
+    uint8=True, a uint8 one: 8-bit pixels the model normalises itself); the error says the argument
+    `name` must be `expected`."""
     if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4 or imgs.shape[1] != channels or not fits(*imgs.shape[2:]):
         got = tuple(imgs.shape) if isinstance(imgs, torch.Tensor) else type(imgs).__name__
         raise ValueError(f"{name} must be {expected}; got {got}")
-    if not imgs.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {imgs.dtype}")
+    if not imgs.is_floating_point() and not (uint8 and imgs.dtype == torch.uint8):
+        raise TypeError(f"{name} must be a floating-point tensor{' or uint8 pixels' if uint8 else ''}, "
+                        f"got {imgs.dtype}")

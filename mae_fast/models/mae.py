@@ -3,6 +3,7 @@
 Same constructor, forward, masks and state-dict keys as vit_pytorch.MAE; the encoder (a
 mae_fast.ViT or a vit_pytorch.ViT) is trained in place. Fixed defects of vit-pytorch's code: pool='cls' takes pos
 rows 1..L of the 2-D pos_embedding, and the decoder input follows the activation dtype (autocast).
+img may be uint8 pixels: the fused ops normalise them with pixel_mean / pixel_std (pixels.py).
 """
 from __future__ import annotations
 
@@ -13,12 +14,17 @@ from .. import ops
 from .blocks import check_images
 from .features import grad_checkpointing_arg
 from .masking import check_noise, check_ratio
+from .pixels import PixelStats
 from .vit import Transformer, transformer_forward
 
 
-class MAE(nn.Module):
+class MAE(PixelStats, nn.Module):
+    """vit-pytorch's MAE. img: float (B, C, H, W), normalised, or uint8 pixels, normalised inside the
+    fused ops with pixel_mean / pixel_std (C floats each, of u8 / 255; default ImageNet's for 3
+    channels; set_pixel_stats changes them; not in the state dict)."""
+
     def __init__(self, *, encoder, decoder_dim, masking_ratio=0.75, decoder_depth=1, decoder_heads=8,
-                 decoder_dim_head=64, norm_pix_loss=False):
+                 decoder_dim_head=64, norm_pix_loss=False, pixel_mean=None, pixel_std=None):
         super().__init__()
         check_ratio(masking_ratio, "masking_ratio")
         missing = [a for a in ("patch_size", "to_patch_embedding", "pos_embedding", "transformer", "pool")
@@ -39,6 +45,7 @@ class MAE(nn.Module):
         self.num_cls = 1 if encoder.pool == "cls" else 0
         self.num_patches = num_pos - self.num_cls
         self.channels = patch_dim // (self.patch_size[0] * self.patch_size[1])
+        self._init_pixel_stats(pixel_mean, pixel_std, self.channels)
         self.decoder_dim = decoder_dim
         self.enc_to_dec = nn.Linear(encoder_dim, decoder_dim) if encoder_dim != decoder_dim else nn.Identity()
         self.mask_token = nn.Parameter(torch.randn(decoder_dim))
@@ -60,7 +67,7 @@ class MAE(nn.Module):
             return H % ph == 0 and W % pw == 0 and (H // ph) * (W // pw) == L
 
         size = f"{expected[0]}x{expected[1]}" if expected else f"{L} patches of {ph}x{pw}"
-        check_images(img, "img", C, fits, f"(batch, {C}, H, W) with {size}")
+        check_images(img, "img", C, fits, f"(batch, {C}, H, W) with {size}", uint8=True)
 
     def forward(self, img: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(img)
@@ -75,8 +82,9 @@ class MAE(nn.Module):
         rand_indices = noise.argsort(dim=-1)
         masked, unmasked = rand_indices[:, :num_masked], rand_indices[:, num_masked:]
 
-        # embed the visible patches only, gathered straight from the image
-        tokens = self.patch_to_emb(ops.patchify_gather(img, unmasked, self.patch_size))
+        # embed the visible patches only, gathered straight from the image (uint8 pixels normalised there)
+        mean, std = self._pixel_stats(img)
+        tokens = self.patch_to_emb(ops.patchify_gather(img, unmasked, self.patch_size, mean=mean, std=std))
         tokens = tokens + self.encoder.pos_embedding[self.num_cls:][unmasked].to(tokens.dtype)
         encoded = transformer_forward(self.encoder.transformer, tokens)
 
@@ -85,4 +93,5 @@ class MAE(nn.Module):
                                               self.decoder_pos_emb.weight[:L])
         decoded = self.decoder(decoder_tokens)
         pred = self.to_pixels(ops.gather_tokens(decoded, masked))
-        return ops.masked_mse_loss(pred, img, self.patch_size, ids=masked, norm_pix=self.norm_pix_loss)
+        return ops.masked_mse_loss(pred, img, self.patch_size, ids=masked, norm_pix=self.norm_pix_loss,
+                                   mean=mean, std=std)

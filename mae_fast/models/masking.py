@@ -7,7 +7,7 @@ import torch
 
 
 class Masking(NamedTuple):
-    ids_keep: torch.Tensor     # (B, len_keep) visible patches, in shuffled order
+    ids_keep: torch.Tensor     # (B, len_keep) visible patches, in shuffled order (contiguous)
     ids_removed: torch.Tensor  # (B, L - len_keep) removed patches, in shuffled order
     mask: torch.Tensor         # (B, L) float, 0 = keep, 1 = removed, original patch order
     ids_restore: torch.Tensor  # (B, L) argsort of the shuffle
@@ -58,4 +58,5 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, noise=None, 
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     mask = (ids_restore >= len_keep).float()
-    return Masking(ids_shuffle[:, :len_keep], ids_shuffle[:, len_keep:], mask, ids_restore)
+    # ids_keep contiguous: the token ops read contiguous ids, and would each copy a strided slice
+    return Masking(ids_shuffle[:, :len_keep].contiguous(), ids_shuffle[:, len_keep:], mask, ids_restore)

@@ -5,7 +5,8 @@ The hot path embeds only the visible patches (gathered straight from the image),
 decoder input in one scatter, and computes the loss with targets made on the fly.
 interpolate_pos_encoding=True takes images of another patch-divisible size (tables resized per call);
 forward_intermediates / get_attention_maps (features.py) give features and attention maps;
-set_grad_checkpointing(True) checkpoints the blocks' activations.
+set_grad_checkpointing(True) checkpoints the blocks' activations. uint8 images are normalised inside
+the fused ops with the model's pixel statistics (pixels.py; pixel_mean / pixel_std, set_pixel_stats).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .blocks import Block, check_images, run_blocks
 from .config import check_config
 from .features import EncoderFeatures, FeatureStack, grad_checkpointing_arg
 from .masking import random_masking
+from .pixels import PixelStats
 from .pos_embed import check_interpolation, pos_embed_2d, resize_pos_table
 
 
@@ -48,10 +50,14 @@ class PatchEmbed(nn.Module):
         return F.linear(x, self.linear_weight(), self.proj.bias)
 
 
-class MaskedAutoencoderViT(EncoderFeatures, nn.Module):
+class MaskedAutoencoderViT(EncoderFeatures, PixelStats, nn.Module):
+    """The official model. imgs: float (B, C, H, W), normalised, or uint8 pixels, which the model
+    normalises inside its fused ops with pixel_mean / pixel_std (C floats each, of u8 / 255; default
+    ImageNet's for 3 channels; set_pixel_stats changes them; not in the state dict)."""
+
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
-                 norm_layer=nn.LayerNorm, norm_pix_loss=False):
+                 norm_layer=nn.LayerNorm, norm_pix_loss=False, *, pixel_mean=None, pixel_std=None):
         super().__init__()
         check_config(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                      depth=depth, num_heads=num_heads, decoder_embed_dim=decoder_embed_dim,
@@ -62,6 +68,7 @@ class MaskedAutoencoderViT(EncoderFeatures, nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.default_mask_ratio = 0.75
         self.grad_checkpointing = False
+        self._init_pixel_stats(pixel_mean, pixel_std, in_chans)
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, self.img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -107,7 +114,7 @@ class MaskedAutoencoderViT(EncoderFeatures, nn.Module):
     def check_input(self, imgs) -> None:
         (H, W), C = self.img_size, self.in_chans
         check_images(imgs, "imgs", C, lambda h, w: (h, w) == (H, W),
-                     f"(batch, {C}, {H}, {W}) for this model (img_size={self.img_size}, in_chans={C})")
+                     f"(batch, {C}, {H}, {W}) for this model (img_size={self.img_size}, in_chans={C})", uint8=True)
 
     def _pos_tables(self, imgs, interpolate_pos_encoding):
         """Checks imgs; the (encoder, decoder) position tables of their patch grid: the model's own,
@@ -120,7 +127,7 @@ class MaskedAutoencoderViT(EncoderFeatures, nn.Module):
             return self.pos_embed, self.decoder_pos_embed
         p, C = self.patch_size, self.in_chans
         check_images(imgs, "imgs", C, lambda h, w: h >= p and w >= p and not h % p and not w % p,
-                     f"(batch, {C}, H, W) with H and W positive multiples of patch_size={p}")
+                     f"(batch, {C}, H, W) with H and W positive multiples of patch_size={p}", uint8=True)
         grid = (imgs.shape[2] // p, imgs.shape[3] // p)
         return (resize_pos_table(self.pos_embed, self.grid, grid),
                 resize_pos_table(self.decoder_pos_embed, self.grid, grid, flattened=interpolate_pos_encoding == "hf"))
@@ -150,8 +157,10 @@ class MaskedAutoencoderViT(EncoderFeatures, nn.Module):
         return any(getattr(type(self), n) is not getattr(MaskedAutoencoderViT, n) for n in names)
 
     def _embed(self, imgs, ids, pos):
-        """The encoder's input (B, 1 + K, D) for patches ids (B, K): only those are ever embedded."""
-        x = self.patch_embed(ops.patchify_gather(imgs, ids, self.patch_size))
+        """The encoder's input (B, 1 + K, D) for patches ids (B, K): only those are ever embedded
+        (uint8 images normalised as they are gathered)."""
+        mean, std = self._pixel_stats(imgs)
+        x = self.patch_embed(ops.patchify_gather(imgs, ids, self.patch_size, mean=mean, std=std))
         x = x + pos[0, 1:][ids]
         cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
         return torch.cat([cls.to(x.dtype), x], dim=1)
@@ -181,7 +190,9 @@ class MaskedAutoencoderViT(EncoderFeatures, nn.Module):
         pos, dec_pos = self._pos_tables(imgs, interpolate_pos_encoding)
         mask_ratio = self.default_mask_ratio if mask_ratio is None else mask_ratio
         if self._overrides("forward_encoder", "forward_decoder", "forward_loss", "random_masking", "patchify"):
-            # a subclass's methods, composed as the official forward does (no fast path)
+            # a subclass's methods, composed as the official forward does (no fast path; uint8 images
+            # are normalised into a float copy first, which those methods may read in any way)
+            imgs = self.normalize_images(imgs)
             kw = dict(interpolate_pos_encoding=interpolate_pos_encoding) if interpolate_pos_encoding else {}
             noise = () if noise is None else (noise,)
             latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, *noise, **kw)
@@ -189,14 +200,17 @@ class MaskedAutoencoderViT(EncoderFeatures, nn.Module):
             return self.forward_loss(imgs, pred, mask), pred, mask
         latent, m = self._encode(imgs, mask_ratio, noise, pos)
         x = self._decode(latent, m.ids_keep, dec_pos)
+        mean, std = self._pixel_stats(imgs)
         if return_pred:
             pred = self.decoder_pred(self.decoder_norm(x[:, 1:]))
-            loss = ops.masked_mse_loss(pred, imgs, self.patch_size, mask=m.mask, norm_pix=self.norm_pix_loss)
+            loss = ops.masked_mse_loss(pred, imgs, self.patch_size, mask=m.mask, norm_pix=self.norm_pix_loss,
+                                       mean=mean, std=std)
             return loss, pred, m.mask
         # every sample removes the same count, so the mean over removed rows is the official loss
         rows = ops.gather_tokens(x, m.ids_removed + 1)
         pred_removed = self.decoder_pred(self.decoder_norm(rows))
-        loss = ops.masked_mse_loss(pred_removed, imgs, self.patch_size, ids=m.ids_removed, norm_pix=self.norm_pix_loss)
+        loss = ops.masked_mse_loss(pred_removed, imgs, self.patch_size, ids=m.ids_removed, norm_pix=self.norm_pix_loss,
+                                   mean=mean, std=std)
         return loss, None, m.mask
 
     # ------------------------------------------------------------------ official methods, for drop-in use
@@ -216,7 +230,7 @@ class MaskedAutoencoderViT(EncoderFeatures, nn.Module):
         """mask_ratio 0 runs the encoder on every patch (as the official code: features)."""
         pos = self._pos_tables(x, interpolate_pos_encoding)[0]
         if self._overrides("random_masking", "patchify"):  # a subclass's: the official composition
-            t = self.patch_embed(self.patchify(x)) + pos[:, 1:]
+            t = self.patch_embed(self.patchify(self.normalize_images(x))) + pos[:, 1:]
             t, mask, ids_restore = self.random_masking(t, mask_ratio, *(() if noise is None else (noise,)))
             cls = (self.cls_token + pos[:, :1]).expand(t.shape[0], -1, -1)
             x = torch.cat([cls.to(t.dtype), t], dim=1)
@@ -245,12 +259,14 @@ class MaskedAutoencoderViT(EncoderFeatures, nn.Module):
         if not (mask.is_floating_point() or mask.dtype == torch.bool):
             mask = mask.float()  # the official arithmetic takes any dtype
         if self._overrides("patchify"):  # a subclass's patch layout: the official eager loss
-            target = self.patchify(imgs)
+            target = self.patchify(self.normalize_images(imgs))
             if self.norm_pix_loss:
                 mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
                 target = (target - mean) / (var + 1.0e-6) ** 0.5
             return (((pred - target) ** 2).mean(dim=-1) * mask).sum() / mask.sum()
-        return ops.masked_mse_loss(pred, imgs, self.patch_size, mask=mask, norm_pix=self.norm_pix_loss)
+        mean, std = self._pixel_stats(imgs)
+        return ops.masked_mse_loss(pred, imgs, self.patch_size, mask=mask, norm_pix=self.norm_pix_loss,
+                                   mean=mean, std=std)
 
     # ------------------------------------------------------------------ Hugging Face
 

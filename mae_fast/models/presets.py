@@ -21,7 +21,9 @@ PRESETS = {
 }
 
 
-def build_model(name: str, img_size: int | None = None, in_chans: int = 3, norm_pix_loss: bool = True):
+def build_model(name: str, img_size: int | tuple[int, int] | None = None, in_chans: int = 3,
+                norm_pix_loss: bool = True):
+    """The preset's MaskedAutoencoderViT; img_size S or (H, W) (default: the preset's), in_chans channels."""
     if name not in PRESETS:
         raise ValueError(f"--model must be one of {', '.join(PRESETS)}, got {name!r}")
     default_size, kwargs = PRESETS[name]

@@ -17,6 +17,8 @@ import importlib
 import json
 import operator
 import os
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -282,13 +284,18 @@ def check_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
         raise ValueError(f"{name} must be on {ref.device} like {ref_name}, got {t.device}")
 
 
-def check_imgs(imgs, patch_size, name: str = "imgs") -> tuple[int, int]:
-    """Checks a (B, C, H, W) floating image against patch_size; returns (ph, pw)."""
+def check_imgs(imgs, patch_size, name: str = "imgs", uint8: bool = False) -> tuple[int, int]:
+    """Checks a (B, C, H, W) floating image (or, with uint8=True, a uint8 one) against patch_size;
+    returns (ph, pw)."""
     ph, pw = pair_arg(patch_size, "patch_size")
     check_tensor(imgs, name)
     if imgs.dim() != 4:
         raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(imgs.shape)}")
-    check_floating_point(imgs, name)
+    if not uint8:
+        check_floating_point(imgs, name)
+    elif imgs.dtype not in FLOAT_DTYPES and imgs.dtype != torch.uint8:
+        raise TypeError(f"{name} must be a floating-point tensor ({FLOAT_NAMES}) or uint8 (8-bit pixels), "
+                        f"got {imgs.dtype}")
     _, _, H, W = imgs.shape
     if H % ph:
         raise ValueError(f"{name} height H={H} must be a multiple of patch_size ph={ph}")
@@ -331,3 +338,70 @@ def check_ids_values(ids: Tensor, L: int, validate: bool, name: str = "ids") -> 
 def gather_rows(x: Tensor, ids: Tensor) -> Tensor:
     """out[b, k] = x[b, ids[b, k]] (the PyTorch fallbacks' gather)."""
     return torch.gather(x, 1, ids.long().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+# ----------------------------------------------------------------------------- uint8 images
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the official recipe's pixel statistics (of x = u8 / 255)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_AFFINES: dict = {}  # (mean, std, device) -> the (2, C) fp32 tensor of pixel_affine
+
+
+def pixel_stats_arg(values, name: str, channels: int, positive: bool = False) -> tuple[float, ...]:
+    """A sequence (or 1-D tensor) of `channels` finite floats (> 0 with positive) -> a tuple; errors
+    name the argument. A tensor is read on the host (a sync on CUDA)."""
+    if isinstance(values, Tensor) and values.dim() == 1:
+        values = values.tolist()
+    try:
+        vals = tuple(float(v) for v in values)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a sequence of {channels} floats (one per channel), got {values!r}") from None
+    if len(vals) != channels:
+        raise ValueError(f"{name} must hold one value per channel: {channels}, got {len(vals)} ({values!r})")
+    bad = [v for v in vals if v != v or v in (float("inf"), float("-inf")) or (positive and v <= 0)]
+    if bad:
+        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {vals}")
+    return vals
+
+
+def pixel_affine(imgs: Tensor, mean, std) -> Optional[Tensor]:
+    """The in-kernel normalisation of uint8 images: a (2, C) fp32 tensor on imgs' device, rows
+    scale = 1 / (255 std) and shift = -mean / std, so that u8 * scale + shift = (u8 / 255 - mean) / std
+    (mean and std default to ImageNet's). None for float images, which are taken as normalised:
+    mean or std with them is an error. Cached per (mean, std, device) outside torch.compile: the
+    common call costs a dict lookup and no host-to-device copy."""
+    if imgs.dtype != torch.uint8:
+        if mean is not None or std is not None:
+            raise ValueError(f"mean and std apply to uint8 images only; float images ({imgs.dtype}) are taken "
+                             "as normalised already: normalise them yourself, or pass the uint8 pixels")
+        return None
+    C = imgs.shape[1]
+    mean = IMAGENET_MEAN if mean is None else mean
+    std = IMAGENET_STD if std is None else std
+    if type(mean) is not tuple or type(std) is not tuple:  # lists, tensors: tuples of floats (a cache key)
+        mean, std = pixel_stats_arg(mean, "mean", C), pixel_stats_arg(std, "std", C, positive=True)
+    if torch.compiler.is_compiling():  # a constant of the graph
+        return _affine_tensor(mean, std, C, imgs.device)
+    key = (mean, std, imgs.device)
+    affine = _AFFINES.get(key)
+    if affine is None:
+        affine = _AFFINES[key] = _affine_tensor(mean, std, C, imgs.device)
+    elif affine.shape[1] != C:
+        _affine_tensor(mean, std, C, imgs.device)  # raises, naming the argument
+    return affine
+
+
+def _affine_tensor(mean, std, C: int, device) -> Tensor:
+    mean, std = pixel_stats_arg(mean, "mean", C), pixel_stats_arg(std, "std", C, positive=True)
+    return torch.tensor([[1.0 / (255.0 * s) for s in std], [-m / s for m, s in zip(mean, std)]],
+                        dtype=torch.float32, device=device)
+
+
+def affine_rows_torch(rows: Tensor, affine: Optional[Tensor], ph: int, pw: int) -> Tensor:
+    """rows (..., P) of (p, q, c)-ordered pixels, normalised with pixel_affine's (2, C) tensor in
+    rows' (float) dtype: the fallbacks' copy of the kernels' arithmetic. rows itself if affine is None."""
+    if affine is None:
+        return rows
+    a = affine.to(rows.dtype).repeat(1, ph * pw)  # feature f = (p * pw + q) * C + c has channel f % C
+    return torch.addcmul(a[1], rows, a[0])

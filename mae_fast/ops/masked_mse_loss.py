@@ -1,15 +1,16 @@
 """The masked-only MSE loss of MAE, with targets cut from the image on the fly.
 
 Ops (torch.library custom ops with fake implementations):
-  mae_fast::masked_mse_loss(pred, imgs, mask?, ids?, ph, pw, norm_pix, validate) -> (loss, denom)
+  mae_fast::masked_mse_loss(pred, imgs, mask?, ids?, ph, pw, norm_pix, validate, affine?) -> (loss, denom)
       with autograd (pred gradient; image gradient too when imgs requires grad)
-  mae_fast::masked_mse_loss_backward(grad, pred, imgs, mask?, ids?, denom, ph, pw, norm_pix) -> grad_pred
+  mae_fast::masked_mse_loss_backward(grad, pred, imgs, mask?, ids?, denom, ph, pw, norm_pix, affine?) -> grad_pred
 
 denom is the fp32 normaliser (P * mask.sum() or B * M * P), returned so the backward needs no
-second reduction. Dispatch as every Triton op (mae_fast/ops/_common.py): Triton on CUDA, Triton
-interpreted on CPU with TRITON_INTERPRET on, a vectorised PyTorch fallback otherwise (and always for
-float64, and on CPU for bfloat16). Eager calls whose kernels run skip torch.library's dispatch
-(_common.run_eagerly).
+second reduction. affine: for uint8 images, the per-channel scale and shift that normalise the
+pixels as the targets are cut (_common.pixel_affine), as in patchify_gather. Dispatch as every
+Triton op (mae_fast/ops/_common.py): Triton on CUDA, Triton interpreted on CPU with TRITON_INTERPRET
+on, a vectorised PyTorch fallback otherwise (and always for float64, and on CPU for bfloat16). Eager
+calls whose kernels run skip torch.library's dispatch (_common.run_eagerly).
 """
 from __future__ import annotations
 
@@ -18,15 +19,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import (FLOAT_DTYPES, FLOAT_NAMES, backward_op, check_device, check_floating_point, check_ids,
-                      check_ids_values, check_imgs, check_norm_pix, check_tensor, checks_values, compute_dtype,
-                      eager_function, eager_impl, gather_rows, refuse_double_backward, run_eagerly, triton_kernels)
+from ._common import (FLOAT_DTYPES, FLOAT_NAMES, affine_rows_torch, backward_op, check_device, check_floating_point,
+                      check_ids, check_ids_values, check_imgs, check_norm_pix, check_tensor, checks_values,
+                      compute_dtype, eager_function, eager_impl, gather_rows, pixel_affine, refuse_double_backward,
+                      run_eagerly, triton_kernels)
 from .patchify import norm_pix_torch, patchify_torch
 
 
 def _loss_dtype(pred: Tensor, imgs: Tensor, mask: Optional[Tensor]) -> torch.dtype:
-    """The dtype the eager reference returns: pred, imgs (and mask) promoted."""
-    dt = torch.promote_types(pred.dtype, imgs.dtype)
+    """The dtype the eager reference returns: pred, imgs (and mask) promoted; uint8 images count as
+    the float32 images they are normalised to (so an fp16 pred still gets an fp32 loss)."""
+    dt = torch.promote_types(pred.dtype, torch.float32 if imgs.dtype == torch.uint8 else imgs.dtype)
     return torch.promote_types(dt, mask.dtype) if mask is not None else dt
 
 
@@ -44,17 +47,18 @@ def _check_mask_values(mask: Tensor, validate: bool) -> None:
 
 # ----------------------------------------------------------------------------- PyTorch fallback
 
-def _targets_torch(imgs, mask, ids, ph, pw, norm_pix, cd):
+def _targets_torch(imgs, mask, ids, ph, pw, norm_pix, cd, affine):
     t = patchify_torch(imgs, ph, pw, cd)
     if ids is not None:
         t = gather_rows(t, ids)
+    t = affine_rows_torch(t, affine, ph, pw)
     return norm_pix_torch(t) if norm_pix else t
 
 
-def masked_mse_loss_torch(pred, imgs, mask, ids, ph, pw, norm_pix):
+def masked_mse_loss_torch(pred, imgs, mask, ids, ph, pw, norm_pix, affine=None):
     """Fallback forward in fp32 (fp64 for fp64): returns (loss, denom)."""
     cd = compute_dtype(torch.promote_types(pred.dtype, imgs.dtype))
-    d = pred.to(cd) - _targets_torch(imgs, mask, ids, ph, pw, norm_pix, cd)
+    d = pred.to(cd) - _targets_torch(imgs, mask, ids, ph, pw, norm_pix, cd, affine)
     se = (d * d).sum(dim=-1)
     P = pred.shape[-1]
     if mask is not None:
@@ -67,9 +71,9 @@ def masked_mse_loss_torch(pred, imgs, mask, ids, ph, pw, norm_pix):
     return (total / denom).to(_loss_dtype(pred, imgs, mask)), denom.to(torch.float32)
 
 
-def masked_mse_loss_backward_torch(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix):
+def masked_mse_loss_backward_torch(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix, affine=None):
     cd = compute_dtype(torch.promote_types(pred.dtype, imgs.dtype))
-    d = pred.to(cd) - _targets_torch(imgs, mask, ids, ph, pw, norm_pix, cd)
+    d = pred.to(cd) - _targets_torch(imgs, mask, ids, ph, pw, norm_pix, cd, affine)
     coef = 2 * grad.to(cd) / denom.to(cd)
     if mask is None:
         return (coef * d).to(pred.dtype).contiguous()
@@ -86,7 +90,7 @@ def _kernels(pred: Tensor, imgs: Tensor, *also):
 
 
 @eager_impl("masked_mse_loss")
-def _masked_mse_loss_impl(pred, imgs, mask, ids, ph, pw, norm_pix, validate):
+def _masked_mse_loss_impl(pred, imgs, mask, ids, ph, pw, norm_pix, validate, affine=None):
     if mask is not None:
         _check_mask_values(mask, validate)
     else:
@@ -94,39 +98,40 @@ def _masked_mse_loss_impl(pred, imgs, mask, ids, ph, pw, norm_pix, validate):
     loss_dtype = _loss_dtype(pred, imgs, mask)
     k = _kernels(pred, imgs, mask, loss_dtype)
     if k is not None:
-        return k.masked_mse_loss_fwd(pred, imgs, mask, ids, ph, pw, norm_pix, loss_dtype)
-    return masked_mse_loss_torch(pred, imgs, mask, ids, ph, pw, norm_pix)
+        return k.masked_mse_loss_fwd(pred, imgs, mask, ids, ph, pw, norm_pix, loss_dtype, affine)
+    return masked_mse_loss_torch(pred, imgs, mask, ids, ph, pw, norm_pix, affine)
 
 
 @torch.library.custom_op("mae_fast::masked_mse_loss", mutates_args=())
 def _masked_mse_loss_op(pred: Tensor, imgs: Tensor, mask: Optional[Tensor], ids: Optional[Tensor],
-                        ph: int, pw: int, norm_pix: bool, validate: bool) -> tuple[Tensor, Tensor]:
-    return _masked_mse_loss_impl(pred, imgs, mask, ids, ph, pw, norm_pix, validate)
+                        ph: int, pw: int, norm_pix: bool, validate: bool,
+                        affine: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    return _masked_mse_loss_impl(pred, imgs, mask, ids, ph, pw, norm_pix, validate, affine)
 
 
 @_masked_mse_loss_op.register_fake
-def _(pred, imgs, mask, ids, ph, pw, norm_pix, validate):
+def _(pred, imgs, mask, ids, ph, pw, norm_pix, validate, affine=None):
     return (pred.new_empty((), dtype=_loss_dtype(pred, imgs, mask)),
             pred.new_empty((), dtype=torch.float32))
 
 
 @eager_impl("masked_mse_loss_backward")
-def _masked_mse_loss_backward_impl(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix):
+def _masked_mse_loss_backward_impl(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix, affine=None):
     k = _kernels(pred, imgs, mask, grad)
     if k is not None:
-        return k.masked_mse_loss_bwd(grad, denom, pred, imgs, mask, ids, ph, pw, norm_pix)
-    return masked_mse_loss_backward_torch(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix)
+        return k.masked_mse_loss_bwd(grad, denom, pred, imgs, mask, ids, ph, pw, norm_pix, affine)
+    return masked_mse_loss_backward_torch(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix, affine)
 
 
 @torch.library.custom_op("mae_fast::masked_mse_loss_backward", mutates_args=())
 def _masked_mse_loss_backward_op(grad: Tensor, pred: Tensor, imgs: Tensor, mask: Optional[Tensor],
                                  ids: Optional[Tensor], denom: Tensor, ph: int, pw: int,
-                                 norm_pix: bool) -> Tensor:
-    return _masked_mse_loss_backward_impl(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix)
+                                 norm_pix: bool, affine: Optional[Tensor] = None) -> Tensor:
+    return _masked_mse_loss_backward_impl(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix, affine)
 
 
 @_masked_mse_loss_backward_op.register_fake
-def _(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix):
+def _(grad, pred, imgs, mask, ids, denom, ph, pw, norm_pix, affine=None):
     return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
 
 
@@ -134,25 +139,26 @@ refuse_double_backward("masked_mse_loss_backward", "mae_fast.ops.masked_mse_loss
 
 
 def _setup(ctx, inputs, output):
-    pred, imgs, mask, ids, ctx.ph, ctx.pw, ctx.norm_pix, _ = inputs
+    pred, imgs, mask, ids, ctx.ph, ctx.pw, ctx.norm_pix, _ = inputs[:8]
+    affine = inputs[8] if len(inputs) > 8 else None
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zeros are made for denom's (unused) gradient
-    ctx.save_for_backward(pred, imgs, mask, ids, output[1])
+    ctx.save_for_backward(pred, imgs, mask, ids, output[1], affine)
 
 
 def _backward(ctx, grad, _grad_denom):
     if grad is None:  # no gradient reached the loss (grads are not materialised as zeros)
-        return None, None, None, None, None, None, None, None
-    pred, imgs, mask, ids, denom = ctx.saved_tensors
+        return (None,) * 9
+    pred, imgs, mask, ids, denom, affine = ctx.saved_tensors
     gp = gi = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
         gp = backward_op(ctx, "masked_mse_loss_backward")(grad, pred, imgs, mask, ids, denom,
-                                                          ctx.ph, ctx.pw, ctx.norm_pix)
-    if ctx.needs_input_grad[1]:
+                                                          ctx.ph, ctx.pw, ctx.norm_pix, affine)
+    if ctx.needs_input_grad[1]:  # float images only (uint8 ones carry no gradient)
         # d loss / d target rows = -gp; back to image layout (through norm-pix) like patchify_gather.
         gi = backward_op(ctx, "patchify_gather_backward")(-gp.to(imgs.dtype), imgs, ids, ctx.ph, ctx.pw,
                                                           ctx.norm_pix)
-    return (gp if ctx.needs_input_grad[0] else None), gi, None, None, None, None, None, None
+    return (gp if ctx.needs_input_grad[0] else None), gi, None, None, None, None, None, None, None
 
 
 _masked_mse_loss_op.register_autograd(_backward, setup_context=_setup)
@@ -163,7 +169,7 @@ _MaskedMSELossEager = eager_function("masked_mse_loss", _setup, _backward)
 
 def _check_args(pred, imgs, patch_size, mask, ids, norm_pix):
     """The public function's argument checks; returns (ph, pw, mask as a float tensor or None)."""
-    ph, pw = check_imgs(imgs, patch_size)
+    ph, pw = check_imgs(imgs, patch_size, uint8=True)
     B, C, H, W = imgs.shape
     L, P = (H // ph) * (W // pw), ph * pw * C
     check_floating_point(pred, "pred")
@@ -198,7 +204,8 @@ def _check_args(pred, imgs, patch_size, mask, ids, norm_pix):
 
 
 def masked_mse_loss(pred: Tensor, imgs: Tensor, patch_size, *, mask: Optional[Tensor] = None,
-                    ids: Optional[Tensor] = None, norm_pix: bool = False, validate: bool = False) -> Tensor:
+                    ids: Optional[Tensor] = None, norm_pix: bool = False, validate: bool = False,
+                    mean=None, std=None) -> Tensor:
     """MAE reconstruction loss over the removed patches only; targets computed from imgs on the fly.
 
     Pass exactly one of
@@ -211,6 +218,10 @@ def masked_mse_loss(pred: Tensor, imgs: Tensor, patch_size, *, mask: Optional[Te
     however large (where the reference's fp32 variance overflows). No (B, L, P) target tensor is
     made; arithmetic is fp32; the reduction is deterministic (no float atomics) and syncs nothing.
     The result has the dtype the eager reference gives (pred, imgs and mask dtypes promoted).
+
+    uint8 imgs (8-bit pixels) are normalised per channel as the targets are cut, t = (u8 / 255 -
+    mean[c]) / std[c] (mean and std: C floats, default ImageNet's), before norm-pix, as in
+    patchify_gather; they get no gradient. mean and std apply to uint8 images only.
 
     Backward: the pred gradient in one fused pass that recomputes the targets (and, if imgs
     requires grad, the image gradient). mask is a constant (no gradient); ids as in patchify_gather.
@@ -226,9 +237,10 @@ def masked_mse_loss(pred: Tensor, imgs: Tensor, patch_size, *, mask: Optional[Te
     non-finite patch, kept or not: every patch's normalisation is differentiated.)
     """
     ph, pw, mask = _check_args(pred, imgs, patch_size, mask, ids, norm_pix)
+    affine = pixel_affine(imgs, mean, std)
     eager = run_eagerly() and _kernels(pred, imgs, mask) is not None
     op = _MaskedMSELossEager.apply if eager else torch.ops.mae_fast.masked_mse_loss
-    loss, _ = op(pred, imgs, mask, ids, ph, pw, bool(norm_pix), bool(validate))
+    loss, _ = op(pred, imgs, mask, ids, ph, pw, bool(norm_pix), bool(validate), affine)
     return loss
 
 

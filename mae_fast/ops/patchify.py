@@ -3,9 +3,11 @@
 Ops (torch.library custom ops, each with a fake implementation; the first three with autograd):
   mae_fast::patchify(imgs, ph, pw)                             -> (B, L, P)
   mae_fast::unpatchify(x, ph, pw, H, W)                        -> (B, C, H, W)
-  mae_fast::patchify_gather(imgs, ids, ph, pw, norm_pix, validate)  -> (B, K, P)
+  mae_fast::patchify_gather(imgs, ids, ph, pw, norm_pix, validate, affine?)  -> (B, K, P)
   mae_fast::patchify_gather_backward(grad, imgs, ids?, ph, pw, norm_pix) -> like imgs
 with P = ph * pw * C, L = (H / ph) * (W / pw), features in (p, q, c) order (docs/design.md).
+affine: for uint8 images, the (2, C) fp32 per-channel scale and shift (_common.pixel_affine) that
+normalise the pixels as they are read; the rows are then fp32, and imgs gets no gradient.
 
 Dispatch (mae_fast/ops/_common.py): the Triton kernels of mae_fast.kernels.patchify on CUDA, and on
 CPU under TRITON_INTERPRET (but not for bfloat16); a vectorised PyTorch fallback otherwise and always
@@ -24,9 +26,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import (NORM_PIX_EPS, backward_op, check_floating_point, check_ids, check_ids_values, check_imgs,
-                      check_norm_pix, compute_dtype, eager_function, eager_impl, gather_rows, normalize_rows, pair_arg,
-                      refuse_double_backward, run_eagerly, triton_kernels)
+from ._common import (NORM_PIX_EPS, affine_rows_torch, backward_op, check_floating_point, check_ids,
+                      check_ids_values, check_imgs, check_norm_pix, compute_dtype, eager_function, eager_impl,
+                      gather_rows, normalize_rows, pair_arg, pixel_affine, refuse_double_backward, run_eagerly,
+                      triton_kernels)
 
 
 # ----------------------------------------------------------------------------- PyTorch fallback
@@ -66,12 +69,17 @@ def norm_pix_backward_torch(g: Tensor, x: Tensor, eps: float = NORM_PIX_EPS) -> 
     return rstd * (g - g.mean(dim=-1, keepdim=True) - y * (g * y).sum(dim=-1, keepdim=True) / (P - 1))
 
 
-def patchify_gather_torch(imgs: Tensor, ids: Tensor, ph: int, pw: int, norm_pix: bool) -> Tensor:
-    """Fallback forward: computes in fp32 (fp64 for fp64), returns imgs.dtype."""
-    rows = gather_rows(patchify_torch(imgs, ph, pw, compute_dtype(imgs.dtype)), ids)
+def patchify_gather_torch(imgs: Tensor, ids: Tensor, ph: int, pw: int, norm_pix: bool,
+                          affine: Optional[Tensor] = None) -> Tensor:
+    """Fallback forward: computes in fp32 (fp64 for fp64), returns imgs.dtype (fp32 for uint8
+    images, normalised with affine)."""
+    cd = compute_dtype(imgs.dtype)
+    # uint8 pixels are gathered before they are widened: no float copy of the whole image
+    rows = gather_rows(patchify_torch(imgs, ph, pw, None if affine is not None else cd), ids).to(cd)
+    rows = affine_rows_torch(rows, affine, ph, pw)
     if norm_pix:
         rows = norm_pix_torch(rows)
-    return rows.to(imgs.dtype)
+    return rows.to(cd if affine is not None else imgs.dtype)
 
 
 def patchify_gather_backward_torch(grad: Tensor, imgs: Tensor, ids: Optional[Tensor], ph: int, pw: int,
@@ -160,36 +168,38 @@ _unpatchify_op.register_autograd(_unpatchify_backward, setup_context=_unpatchify
 
 
 @eager_impl("patchify_gather")
-def _patchify_gather_impl(imgs, ids, ph, pw, norm_pix, validate):
+def _patchify_gather_impl(imgs, ids, ph, pw, norm_pix, validate, affine=None):
     check_ids_values(ids, (imgs.shape[2] // ph) * (imgs.shape[3] // pw), validate)
     k = triton_kernels("patchify", imgs)
     if k is not None:
-        return k.patchify_gather_fwd(imgs, ids, ph, pw, norm_pix)
-    return patchify_gather_torch(imgs, ids, ph, pw, norm_pix)
+        return k.patchify_gather_fwd(imgs, ids, ph, pw, norm_pix, affine=affine)
+    return patchify_gather_torch(imgs, ids, ph, pw, norm_pix, affine)
 
 
 @torch.library.custom_op("mae_fast::patchify_gather", mutates_args=())
-def _patchify_gather_op(imgs: Tensor, ids: Tensor, ph: int, pw: int, norm_pix: bool, validate: bool) -> Tensor:
-    return _patchify_gather_impl(imgs, ids, ph, pw, norm_pix, validate)
+def _patchify_gather_op(imgs: Tensor, ids: Tensor, ph: int, pw: int, norm_pix: bool, validate: bool,
+                        affine: Optional[Tensor] = None) -> Tensor:
+    return _patchify_gather_impl(imgs, ids, ph, pw, norm_pix, validate, affine)
 
 
 @_patchify_gather_op.register_fake
-def _(imgs, ids, ph, pw, norm_pix, validate):
+def _(imgs, ids, ph, pw, norm_pix, validate, affine=None):
     B, C, H, W = imgs.shape
-    return imgs.new_empty((B, ids.shape[1], ph * pw * C))
+    dtype = torch.float32 if affine is not None else imgs.dtype
+    return imgs.new_empty((B, ids.shape[1], ph * pw * C), dtype=dtype)
 
 
 def _patchify_gather_setup(ctx, inputs, output):
-    imgs, ids, ctx.ph, ctx.pw, ctx.norm_pix, _ = inputs
+    imgs, ids, ctx.ph, ctx.pw, ctx.norm_pix = inputs[:5]
     ctx.save_for_backward(imgs, ids)
 
 
 def _patchify_gather_backward(ctx, grad):
     imgs, ids = ctx.saved_tensors
     gi = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0]:  # never for uint8 images
         gi = backward_op(ctx, "patchify_gather_backward")(grad, imgs, ids, ctx.ph, ctx.pw, ctx.norm_pix)
-    return gi, None, None, None, None, None
+    return gi, None, None, None, None, None, None
 
 
 _patchify_gather_op.register_autograd(_patchify_gather_backward, setup_context=_patchify_gather_setup)
@@ -264,13 +274,18 @@ def unpatchify(x: Tensor, patch_size, image_size) -> Tensor:
 
 
 def patchify_gather(imgs: Tensor, ids: Tensor, patch_size, *, norm_pix: bool = False,
-                    validate: bool = False) -> Tensor:
+                    validate: bool = False, mean=None, std=None) -> Tensor:
     """Fused patchify + gather (+ per-patch normalisation): (B, K, ph*pw*C).
 
     Row k of image b is patch ids[b, k] of imgs[b] ((p, q, c) features). With norm_pix each row
     is (x - mean) / sqrt(var + 1e-6), mean and unbiased var over the row (the official
     norm_pix_loss target). The image is read once, in its own strides (channels_last, sliced,
     ... inputs are not copied); arithmetic in fp32; the result has imgs.dtype.
+
+    uint8 imgs (8-bit pixels) are normalised per channel as they are read, x = (u8 / 255 - mean[c])
+    / std[c] (mean and std: C floats, default ImageNet's), before norm-pix; the result is fp32 and
+    no float copy of the image is made. They get no gradient. mean and std apply to uint8 images
+    only: float images are taken as normalised already (passing mean or std with them is an error).
 
     ids: (B, K) int32/int64 with 1 <= K <= L (an empty selection, K = 0, is refused, as by
     gather_tokens and unshuffle_tokens), values in [0, L), DISTINCT within a row (a subset of a
@@ -281,12 +296,13 @@ def patchify_gather(imgs: Tensor, ids: Tensor, patch_size, *, norm_pix: bool = F
     gradient (row gradients scattered back, through norm-pix); a gradient of that gradient is not
     supported (NotImplementedError). Norm-pix rows are finite for any finite patch, however large.
     """
-    ph, pw = check_imgs(imgs, patch_size)
+    ph, pw = check_imgs(imgs, patch_size, uint8=True)
     L = (imgs.shape[2] // ph) * (imgs.shape[3] // pw)
     check_ids(ids, imgs, L)
     check_norm_pix(norm_pix, ph * pw * imgs.shape[1])
+    affine = pixel_affine(imgs, mean, std)
     op = _PatchifyGatherEager.apply if _eager(imgs) else torch.ops.mae_fast.patchify_gather
-    return op(imgs, ids, ph, pw, bool(norm_pix), bool(validate))
+    return op(imgs, ids, ph, pw, bool(norm_pix), bool(validate), affine)
 
 
 __all__ = ["patchify", "unpatchify", "patchify_gather"]

@@ -11,7 +11,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from mae_fast.kernels import NORM_PIX_EPS
-from mae_fast.ops._common import pair_arg
+from mae_fast.ops._common import IMAGENET_MEAN, IMAGENET_STD, pair_arg
+
+
+# ----------------------------------------------------------------------------- pixels
+
+def normalize_pixels(imgs: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float64) -> torch.Tensor:
+    """uint8 images (B, C, H, W) -> (u8 / 255 - mean[c]) / std[c] in dtype: normalise, then compute in
+    float, which the in-kernel normalisation of uint8 images must match."""
+    if imgs.dtype != torch.uint8:
+        raise TypeError(f"normalize_pixels takes uint8 images, got {imgs.dtype}")
+    mean = torch.tensor(mean, dtype=torch.float64, device=imgs.device).view(-1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float64, device=imgs.device).view(-1, 1, 1)
+    return ((imgs.double() / 255 - mean) / std).to(dtype)
 
 
 # ----------------------------------------------------------------------------- patches

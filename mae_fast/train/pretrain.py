@@ -2,7 +2,10 @@
 
 AdamW (0.9, 0.95), weight decay 0.05 on all but 1-D parameters and biases, lr = blr * eff_batch /
 256, linear warmup then half-cycle cosine per iteration, accum_iter, RandomResizedCrop + flip.
-Runs offline on the embedded sample photos by default; `--data DIR` for an ImageFolder tree. The
+Runs offline on the embedded sample photos by default; `--data DIR` for an ImageFolder tree, read as
+8-bit RGB, or with `--in-chans N` as stored (grayscale, multi-channel TIFF, 16-bit kept), normalised
+with `--mean/--std`, `--norm auto` or ImageNet's statistics (saved in the checkpoint's args);
+`--input-size H W` for non-square crops; `--init` starts from released or earlier weights. The
 same command under `torchrun --nproc_per_node N` trains with DistributedDataParallel.
 
 Every sample's crop and mask noise is a pure function of (seed, epoch, index), so a resumed run,
@@ -15,7 +18,6 @@ optimizer steps in a row) or refuses its input (2 where argparse refuses a flag)
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -26,10 +28,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..models.masking import len_keep_for
-from ..models.presets import PRESETS, build_model
-from . import data as mdata
+from .. import data as mdata
+from ..data import gpu as gpu_data
+from ..models.presets import build_model
 from .distributed import pick_device, reduce_step, setup_distributed
+from .init_weights import load_init
+from .loader import (DataWait, Unreadable, bottleneck_message, build_loader, channel_mismatch_message,
+                     epoch_order, run_batches, shutdown)
+from .pretrain_args import parse_args
 from .recipe import lr_at, param_groups
 from .run_dir import (Run, check_output_dir, checkpoints_in, kept_checkpoint_note, load_resume, lock_output_dir,
                       remove_interrupted_saves, start_afresh, unlock_output_dir)
@@ -40,96 +46,30 @@ from .run_dir import (Run, check_output_dir, checkpoints_in, kept_checkpoint_not
 MAX_SKIPPED_IN_A_ROW = 16
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser("mae-fast pretrain", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny", choices=list(PRESETS))
-    p.add_argument("--img-size", type=int, default=None, help="default: the preset's")
-    p.add_argument("--data", default=None, help="ImageFolder tree; default: embedded sample photos")
-    p.add_argument("--samples-per-epoch", type=int, default=None,
-                   help="crops drawn per epoch (default: 2048 for the embedded photos, else one per image)")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--warmup-epochs", type=float, default=2)
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--accum-iter", type=int, default=1)
-    p.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * effective batch / 256")
-    p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
-    p.add_argument("--min-lr", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 autocast on GPU, fp32 on CPU")
-    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                   help="torch.compile the model, in this mode (reduce-overhead: CUDA graphs on GPU)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--output-dir", default="runs/mae-demo")
-    p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest in --output-dir")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --output-dir that holds an earlier run: deletes its checkpoints and metrics")
-    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
-    p.add_argument("--vis-every", type=int, default=4, help="epochs between reconstruction pictures")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many steps, at the end of an --accum-iter window (for tests)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    if args.data is not None and not os.path.isdir(args.data):
-        p.error(f"--data {args.data!r} is not a directory")
-    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
-        raise SystemExit(f"--resume: checkpoint not found: {args.resume!r} (or pass 'auto' for the newest in --output-dir)")
-    for name in ("epochs", "batch_size", "accum_iter", "keep_last", "vis_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0 < args.mask_ratio < 1:
-        p.error(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
-    # 0 must not mean "the default" (they are read with `or`); a silently ignored limit is a bug
-    for name in ("samples_per_epoch", "max_steps", "img_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("warmup_epochs", "blr", "lr", "min_lr", "weight_decay", "num_workers"):
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            p.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-    default_size, preset = PRESETS[args.model]
-    patch = preset["patch_size"]
-    if args.img_size is not None and args.img_size % patch:
-        p.error(f"--img-size must be a multiple of the patch size {patch} of --model {args.model}, got {args.img_size}")
-    # the model checks the ratio only at its first forward, after the output folder exists
-    num_patches = ((args.img_size or default_size) // patch) ** 2
-    try:
-        len_keep_for(num_patches, args.mask_ratio)
-    except ValueError as e:
-        p.error(f"--mask-ratio {args.mask_ratio}: {e} (--model {args.model} at {args.img_size or default_size} px)")
-    return args
-
-
 class MaskedCrops(torch.utils.data.Dataset):
-    """Crops plus their mask noise, both drawn from one per-sample generator."""
+    """(epoch, i) -> (crop, mask noise, files found unreadable meanwhile, (epoch, i)). Crop and noise
+    come from per-sample generators. The crop is the uint8 image, or with the GPU backend what its
+    workers hand over (encoded_source). The unreadable files go to the main process, which warns
+    once for each whichever worker met it."""
 
-    def __init__(self, crops: mdata.CropDataset, num_patches: int):
-        self.crops, self.num_patches = crops, num_patches
+    def __init__(self, crops: mdata.PretrainCrops, num_patches: int, backend: str = "cpu"):
+        self.crops, self.num_patches, self.backend = crops, num_patches, backend
+        crops.warn_unreadable = False
 
     def __len__(self):
         return len(self.crops)
 
-    def __getitem__(self, i):
-        gen = torch.Generator().manual_seed((self.crops.seed * 7_919 + self.crops.epoch) * 104_729 + i)
-        return self.crops[i], torch.rand(self.num_patches, generator=gen)
-
-
-def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int, batch: int) -> list[int]:
-    """This rank's sample indices for one epoch (whole global batches only), as DistributedSampler:
-    a seeded permutation split rank::world, so N ranks of batch B see what one rank of N*B sees."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000 + epoch)).tolist()
-    usable = (n // (batch * world)) * batch * world
-    return perm[:usable][rank::world]
+    def __getitem__(self, key):
+        epoch, i = key
+        known = len(self.crops.unreadable)
+        img = self.crops[key] if self.backend == "cpu" else gpu_data.encoded_source(self.crops, i)
+        gen = torch.Generator().manual_seed((self.crops.seed * 7_919 + epoch) * 104_729 + i)
+        return img, torch.rand(self.num_patches, generator=gen), list(self.crops.unreadable.items())[known:], key
 
 
 def build_dataset(args, model, world):
-    size = model.img_size[0]
+    """The run's MaskedCrops; resolves --norm auto into args.mean/args.std (measured on the data)."""
+    size = tuple(model.img_size) if model.img_size[0] != model.img_size[1] else model.img_size[0]
     if args.data is None:
         images = mdata.sample_photos()
         length = args.samples_per_epoch or 2048
@@ -138,7 +78,7 @@ def build_dataset(args, model, world):
         try:
             images = mdata.image_folder(args.data)  # file paths: decoded by the loader's workers
         except (OSError, ValueError) as e:
-            raise SystemExit(str(e)) from e
+            raise SystemExit(f"--data: {e}") from e
         length = args.samples_per_epoch or len(images)
         names = [os.path.relpath(path, args.data) for path in images]
     # saved with the args: a resume refuses other data (the data order and step count depend on it)
@@ -146,12 +86,40 @@ def build_dataset(args, model, world):
     if length < args.batch_size * world:
         raise SystemExit(f"--samples-per-epoch ({length}) must be at least one global batch "
                          f"({args.batch_size} x {world} processes)")
-    crops = mdata.CropDataset(images, size, length, args.seed)
+    crops = mdata.PretrainCrops(images, size, length, args.seed, in_chans=args.in_chans)
+    dataset = MaskedCrops(crops, model.num_patches, args.data_backend)
     try:
-        crops.image(0)  # a folder of unreadable files fails here, not inside the loader at the first step
+        crops.source(0)  # a folder of unreadable files fails here, not inside the loader at the first step
+        if args.norm == "auto":  # reads a sample of the files: their channel counts are checked too
+            args.mean, args.std = mdata.channel_stats(crops, seed=args.seed)
+    except mdata.ChannelMismatch as e:
+        raise SystemExit(channel_mismatch_error(args, e)) from None
     except ValueError as e:
+        Unreadable().report(crops.unreadable.items())
         raise SystemExit(f"--data {args.data}: {e}") from e
-    return MaskedCrops(crops, model.num_patches)
+    return dataset
+
+
+def channel_mismatch_error(args, error) -> str:
+    hint = " (omit --in-chans to read every image as RGB)" if args.in_chans == 3 else ""
+    return f"--in-chans {args.in_chans}: {channel_mismatch_message(error)}{hint}"
+
+
+def startup_line(args, model, device, precision, dataset) -> str:
+    """What the run is: model, device, data, output folder."""
+    params = sum(p.numel() for p in model.parameters())
+    (h, w), source = model.img_size, args.data_source
+    data = (f"{args.data} ({source['files']} images)" if args.data else f"the embedded photos ({source['files']})")
+    stats = "ImageNet" if args.norm == "imagenet" else ("measured " if args.norm == "auto" else "") + \
+        f"mean {args.mean} std {args.std}"
+    return (f"mae-fast pretrain: --model {args.model} ({params / 1e6:.1f}M parameters, {h}x{w} px, "
+            f"{model.in_chans} channel{'s' * (model.in_chans != 1)}, {stats}) on {device} ({precision}); "
+            f"data {data}, {len(dataset)} crops an epoch; output {os.path.abspath(args.output_dir)}")
+
+
+def progress_line(step, total, epoch, loss, lr, images_per_s, data_share) -> str:
+    return (f"step {step}/{total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} {images_per_s:.0f} img/s "
+            f"data wait {data_share:.0%}")
 
 
 # ----------------------------------------------------------------------------- training
@@ -164,10 +132,16 @@ def train(args) -> dict:
             cleanup.callback(dist.destroy_process_group)
         device = pick_device(args.device, local_rank)
         torch.manual_seed(args.seed)
-        model = build_model(args.model, args.img_size, norm_pix_loss=args.norm_pix_loss).to(device)
-        if model.img_size[0] != model.img_size[1]:
-            raise SystemExit("--img-size must describe a square crop")
-        dataset = build_dataset(args, model, world)
+        model = build_model(args.model, args.input_size or args.img_size, in_chans=args.in_chans or 3,
+                            norm_pix_loss=args.norm_pix_loss)
+        init_note = load_init(args.init, model, args.model) if args.init else None
+        model.to(device)
+        if args.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        dataset = build_dataset(args, model, world)  # resolves --norm auto
+        model.set_pixel_stats(args.mean, args.std)  # uint8 batches are normalised inside the fused kernels
+        unreadable = Unreadable()
+        unreadable.report(dataset.crops.unreadable.items())
         steps_per_epoch = len(epoch_order(len(dataset), args.seed, 0, rank, world, args.batch_size)) // args.batch_size
         if args.accum_iter > steps_per_epoch:
             # each epoch drops its cut window: the optimizer would never step
@@ -227,8 +201,12 @@ def train(args) -> dict:
             previous = signal.signal(sig, lambda num, _: stop.__setitem__("signal", stop["signal"] or num))
             cleanup.callback(signal.signal, sig, previous)
         total = steps_per_epoch * args.epochs
+        if main_process:
+            for line in filter(None, (init_note, startup_line(args, model, device, precision, dataset))):
+                print(line, flush=True)
         bar = None
-        if main_process and not args.quiet:
+        progress_lines = main_process and not args.quiet and not sys.stdout.isatty()  # a log file: no \r bar
+        if main_process and not args.quiet and not progress_lines:
             from tqdm import tqdm
 
             bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True)
@@ -237,22 +215,38 @@ def train(args) -> dict:
         skipped_in_a_row, skipped_total = 0, 0
         if resume:
             run.drop_metrics_after(step)
+        # one loader for the run: its workers start once, and prefetch across epoch ends
+        batches = iter(build_loader(dataset, run_batches(len(dataset), args.seed, rank, world, args.batch_size,
+                                                         start_epoch, start_batch, args.epochs),
+                                    args.num_workers, pin_memory=device.type == "cuda"))
+        cleanup.callback(shutdown, batches)
+        mean = torch.tensor(args.mean, device=device)
+        std = torch.tensor(args.std, device=device)
+        data_wait = DataWait()
         for epoch in range(start_epoch, args.epochs):
-            dataset.crops.set_epoch(epoch)
-            order = epoch_order(len(dataset), args.seed, epoch, rank, world, args.batch_size)
+            dataset.crops.set_epoch(epoch)  # the main process's copy: the pictures' crops
             first = start_batch if epoch == start_epoch else 0
-            loader = torch.utils.data.DataLoader(
-                torch.utils.data.Subset(dataset, order[first * args.batch_size:]), batch_size=args.batch_size,
-                num_workers=args.num_workers, drop_last=True)
             # a window cut short by the epoch's end is dropped, as in the official recipe (and a
             # checkpoint holds no gradients: every save falls on a window's end)
             optimizer.zero_grad(set_to_none=True)
             tic = time.perf_counter()
-            for b, (imgs, noise) in enumerate(loader, start=first):
+            for b in range(first, steps_per_epoch):
+                waiting = time.perf_counter()
+                try:
+                    imgs, noise, bad_files, keys = next(batches)
+                except mdata.ChannelMismatch as e:  # a file past the ones checked at the start
+                    raise SystemExit(channel_mismatch_error(args, e)) from None
+                if args.data_backend == "gpu":
+                    imgs = gpu_data.crop_batch(imgs, keys, dataset.crops, device)
+                    bad_files = [*bad_files, *dataset.crops.unreadable.items()]
+                unreadable.report(bad_files)
+                waited = time.perf_counter() - waiting
                 if b % args.accum_iter == 0:
                     for group in optimizer.param_groups:
                         group["lr"] = lr_at(epoch + b / steps_per_epoch, args)
                 imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
+                if imgs.dtype != torch.uint8:  # 16-bit data comes as float32 in [0, 1]: normalised here
+                    imgs = mdata.normalize_batch(imgs, mean, std)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss, _, _ = net(imgs, args.mask_ratio, noise, return_pred=False)
                 loss_value, signalled = reduce_step(loss.detach(), stop["signal"], world)
@@ -265,24 +259,35 @@ def train(args) -> dict:
                 # for an overflow in the backward. The step still counts: positions, the lr schedule
                 # and checkpoint names stay those of the data, so a resume stays exact.
                 scaler.scale(loss / args.accum_iter).backward()
-                skipped = False
+                skipped_step = False
                 if (b + 1) % args.accum_iter == 0:
                     scale = scaler.get_scale() if scaler.is_enabled() else None
+                    if args.clip_grad is not None:
+                        scaler.unscale_(optimizer)  # the norm of the true gradients (fp16: not of the scaled ones)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
                     scaler.step(optimizer)
                     scaler.update()
-                    skipped = scale is not None and scaler.get_scale() < scale
+                    skipped_step = scale is not None and scaler.get_scale() < scale
                     optimizer.zero_grad(set_to_none=True)
-                    skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
-                    skipped_total += skipped
+                    skipped_in_a_row = skipped_in_a_row + 1 if skipped_step else 0
+                    skipped_total += skipped_step
                 step += 1
-                elapsed = time.perf_counter() - tic
-                images_per_s = (b + 1 - first) * args.batch_size * world / max(elapsed, 1e-9)
+                now = time.perf_counter()
+                data_wait.add(waited, now - waiting)
+                images_per_s = (b + 1 - first) * args.batch_size * world / max(now - tic, 1e-9)
                 run.log(step=step, epoch=epoch, loss=loss_value, lr=optimizer.param_groups[0]["lr"],
-                        images_per_s=images_per_s, **({"skipped": True} if skipped else {}))
+                        images_per_s=images_per_s, data_wait=round(waited / max(now - waiting, 1e-9), 4),
+                        **({"skipped": True} if skipped_step else {}))
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                    img_s=f"{images_per_s:.0f}")
+                                    img_s=f"{images_per_s:.0f}", data=f"{data_wait.share:.0%}")
+                elif progress_lines and (step % args.log_every == 0 or step == total):
+                    print(progress_line(step, total, epoch, loss_value, optimizer.param_groups[0]["lr"], images_per_s,
+                                        data_wait.share), flush=True)
+                if main_process and data_wait.bottleneck():
+                    (bar.write if bar is not None else print)(
+                        bottleneck_message(data_wait.share, data_wait.window, args.num_workers))
                 if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
                     # no save: the scaler's skipped steps left no weights worth keeping over the last checkpoint
                     raise SystemExit(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import data as mdata
+from .. import data as mdata
 
 
 @torch.no_grad()
@@ -23,7 +23,7 @@ def probe_accuracy(model, seed: int = 0) -> float:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    imgs, labels = mdata.digits(model.img_size[0], model.in_chans)
+    imgs, labels = mdata.digits(tuple(model.img_size), model.in_chans)
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     n_train = int(0.6 * len(labels))
     feats = encode(model, imgs).numpy()

@@ -9,6 +9,7 @@ import re
 
 import torch
 
+from ..data import IMAGENET_MEAN, IMAGENET_STD, normalize_batch, to_unit_float
 from ..io.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from ..models.presets import PRESETS
 
@@ -112,8 +113,9 @@ def checkpoints_in(run_dir: str) -> list[str]:
 
 # What a resume must keep: the data order, the step count and the schedule depend on them. --epochs
 # may grow (training on; the cosine schedule then stretches to the new end), with a note.
-RESUME_FLAGS = ("model", "img_size", "samples_per_epoch", "warmup_epochs", "batch_size",
-                "accum_iter", "blr", "lr", "min_lr", "mask_ratio", "norm_pix_loss", "seed")
+RESUME_FLAGS = ("model", "img_size", "input_size", "in_chans", "mean", "std", "samples_per_epoch",
+                "warmup_epochs", "batch_size", "accum_iter", "blr", "lr", "min_lr", "mask_ratio", "norm_pix_loss",
+                "seed")
 
 
 def start_afresh(run_dir: str, overwrite: bool) -> None:
@@ -196,6 +198,20 @@ def check_data_source(path, saved, current) -> None:
         print(f"--data {current['path']}: the run used {saved.get('path')}; the same file names, so resuming")
 
 
+def pixel_stats(ckpt_args) -> tuple[list[float], list[float]]:
+    """(mean, std) per channel that the run's model saw its pixels (in [0, 1]) normalised with: the
+    checkpoint's args (--mean/--std, --norm auto), else ImageNet's (runs made before the flags, and
+    the official checkpoints, which are RGB). Every command that feeds the model uses these."""
+    args = ckpt_args if isinstance(ckpt_args, dict) else {} if ckpt_args is None else vars(ckpt_args)
+    if args.get("mean") is not None and args.get("std") is not None:
+        return list(args["mean"]), list(args["std"])
+    channels = args.get("in_chans") or 3
+    if channels != 3:
+        raise ValueError(f"the checkpoint's args have in_chans {channels} but no mean/std: no statistics to "
+                         "normalise its images with")
+    return list(IMAGENET_MEAN), list(IMAGENET_STD)
+
+
 def model_name(ckpt) -> str:
     args = ckpt.get("args") or {}
     return (args if isinstance(args, dict) else vars(args)).get("model", "?")
@@ -226,7 +242,7 @@ class Run:
         with open(self.metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
-            for key in ("loss", "lr", "images_per_s"):
+            for key in ("loss", "lr", "images_per_s", "data_wait"):
                 self.tb.add_scalar(f"train/{key}", row[key], row["step"])
 
     def drop_metrics_after(self, step):
@@ -266,9 +282,12 @@ class Run:
     def pictures(self, dataset, device, amp_dtype):
         from .pictures import loss_curve, reconstruction_grid
 
-        imgs = torch.stack([dataset.crops[i] for i in range(min(6, len(dataset)))]).to(device)
+        stats = self.args.mean, self.args.std
+        crops = torch.stack([to_unit_float(dataset.crops[i]) for i in range(min(6, len(dataset)))])
+        imgs = normalize_batch(crops.to(device), *stats)
         self.last_picture = reconstruction_grid(self.model, imgs, os.path.join(self.args.output_dir, "reconstruction.png"),
-                                                mask_ratio=self.args.mask_ratio, seed=self.args.seed, amp_dtype=amp_dtype)
+                                                mask_ratio=self.args.mask_ratio, seed=self.args.seed, amp_dtype=amp_dtype,
+                                                stats=stats)
         loss_curve(self.history, os.path.join(self.args.output_dir, "loss.png"))
 
     def summary(self, signal_number=0) -> dict:

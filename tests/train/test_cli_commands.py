@@ -72,8 +72,12 @@ def test_export_replaces_its_own_exports_and_other_files_only_with_force(tmp_pat
     for name in ("enc.pth", "enc.safetensors"):
         out = str(tmp_path / name)
         cli.cmd_export([str(run), "--to", "timm", "--out", out])
-        cli.cmd_export([str(run), "--to", "hf", "--out", out])  # over an export of ours
-        assert "embeddings.cls_token" in read_checkpoint(out)
+        cli.cmd_export([str(run), "--to", "timm", "--out", out])  # over an export of ours
+        assert "cls_token" in read_checkpoint(out)
+    folder = tmp_path / "hf"
+    for _ in range(2):
+        cli.cmd_export([str(run), "--to", "hf", "--out", str(folder)])
+        assert "embeddings.cls_token" in read_checkpoint(folder / "model.safetensors")
     foreign = tmp_path / "weights.pth"
     torch.save({"w": torch.zeros(1)}, foreign)
     message = fail(["export", str(run), "--to", "timm", "--out", str(foreign)])
