@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -28,4 +29,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _seed():
+    """Each test starts seeded and leaves the process as it found it: the thread count (which
+    changes CPU reduction orders, so bitwise comparisons with a subprocess) and torch.compile's
+    caches (a test compiling the same forward as earlier ones must not hit the recompile limit)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
