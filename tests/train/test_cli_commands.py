@@ -19,16 +19,6 @@ def _pytorch_fallback_ops(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished one-epoch run (4 steps: checkpoint-4.pth); tests that write into it copy it."""
-    out = tmp_path_factory.mktemp("run")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")
-        pretrain.main([*SMALL, "--epochs", "1", "--output-dir", str(out)])
-    return str(out)
-
-
 def fail(argv) -> str:
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
